@@ -1,0 +1,416 @@
+//! Hugging Face checkpoints on disk, with no ML framework: `config.json`, the memory-mapped
+//! safetensors shards (one `model.safetensors` or those of `model.safetensors.index.json`), and
+//! the role of every tensor (method.md §6).
+//!
+//! Every byte read from disk is untrusted until validated: headers, offsets, shard names and the
+//! index are all checked in [`Checkpoint::open`] before any tensor is handed out. This crate
+//! never opens a file for writing.
+
+pub mod config;
+pub mod dtype;
+pub mod roles;
+pub mod safetensors;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::Mmap;
+use serde_json::{Map, Value};
+
+pub use config::{Config, ConfigError, Family, Moe};
+pub use dtype::Dtype;
+pub use roles::{Reader, Role, Site, Writer, WriterKind};
+pub use safetensors::{Header, HeaderError, TensorEntry};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Everything that can be wrong with a model directory. Each message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("`{}`: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("`{}` not found: MODEL must be a Hugging Face model directory with a config.json", path.display())]
+    NoConfig { path: PathBuf },
+    #[error("`{}`: {source}", path.display())]
+    Config { path: PathBuf, source: ConfigError },
+    #[error("`{}` has no model.safetensors or model.safetensors.index.json", dir.display())]
+    NoWeights { dir: PathBuf },
+    #[error(
+        "`{}` has only `{file}`, a pickle file, which is never loaded (unpickling can run arbitrary code); \
+         convert it to safetensors first, e.g. in Python: \
+         `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`",
+        dir.display()
+    )]
+    PickleOnly { dir: PathBuf, file: String },
+    #[error("`{file}`: {problem}")]
+    Header { file: String, problem: Box<HeaderError> },
+    #[error("`{INDEX_FILE}`: {problem}")]
+    Index { problem: String },
+    #[error("tensor `{name}` is in both `{first}` and `{second}`")]
+    DuplicateTensor { name: String, first: String, second: String },
+    #[error("tensor `{name}` in `{file}`: {problem}")]
+    Tensor { name: String, file: String, problem: String },
+    #[error("{} unknown tensor{} in `{file}`: {}; abliterate does not know whether {} to the residual stream. Exclude {} explicitly with --exclude if it is safe to leave unedited",
+        names.len(), if names.len() == 1 { "" } else { "s" },
+        names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+        if names.len() == 1 { "it writes" } else { "they write" },
+        if names.len() == 1 { "it" } else { "them" })]
+    UnknownTensors { names: Vec<String>, file: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One memory-mapped, validated safetensors file.
+pub struct Shard {
+    /// File name inside the model directory.
+    pub file_name: String,
+    pub path: PathBuf,
+    pub header: Header,
+    mmap: Mmap,
+}
+
+impl Shard {
+    /// Opens and validates one safetensors file.
+    pub fn open(path: &Path, file_name: &str) -> Result<Shard> {
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let herr = |problem| Error::Header { file: file_name.to_string(), problem: Box::new(problem) };
+        // Read the length prefix before mapping so that a hostile length fails cleanly.
+        let mut prefix = [0u8; 8];
+        let got = (&file).take(8).read(&mut prefix).map_err(io)?;
+        let json_len = safetensors::header_len(&prefix[..got], len).map_err(herr)?;
+        // SAFETY: the map is read-only; a concurrent writer of the input file would be a user
+        // error we cannot prevent, and we never write through it.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        if (mmap.len() as u64) < len {
+            return Err(herr(HeaderError::TooShort { len: mmap.len() as u64 }));
+        }
+        let header = safetensors::parse_json(&mmap[8..8 + json_len]).map_err(herr)?;
+        safetensors::validate_layout(&header, mmap.len() - 8 - json_len).map_err(herr)?;
+        Ok(Shard { file_name: file_name.to_string(), path: path.to_path_buf(), header, mmap })
+    }
+
+    /// The whole file, header included.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// The stored bytes of a tensor of this shard.
+    pub fn tensor_bytes(&self, t: &TensorEntry) -> &[u8] {
+        let start = self.header.data_start();
+        &self.mmap[start + t.begin..start + t.end]
+    }
+
+    pub fn len(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+
+    /// `__metadata__` of the file, if any.
+    pub fn metadata(&self) -> Option<&Map<String, Value>> {
+        self.header.metadata.as_ref()
+    }
+}
+
+/// Where a tensor lives: shard index and entry index in that shard's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorRef {
+    pub shard: usize,
+    pub entry: usize,
+}
+
+/// A model directory, opened and validated.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Config,
+    /// Shards in the order of their file names.
+    pub shards: Vec<Shard>,
+    /// The index file as read, if the checkpoint is sharded.
+    pub index: Option<Map<String, Value>>,
+    by_name: HashMap<String, TensorRef>,
+}
+
+impl Checkpoint {
+    /// Opens a model directory: config.json, then every shard, validating all of it.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let config_path = dir.join("config.json");
+        let text = match std::fs::read(&config_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoConfig { path: config_path });
+            }
+            Err(source) => {
+                return Err(Error::Io { path: config_path, source });
+            }
+        };
+        let config = Config::parse(&text).map_err(|source| Error::Config { path: config_path, source })?;
+
+        let (file_names, index) = if dir.join(SINGLE_FILE).is_file() {
+            (vec![SINGLE_FILE.to_string()], None)
+        } else if dir.join(INDEX_FILE).is_file() {
+            let (names, index) = read_index(dir)?;
+            (names, Some(index))
+        } else {
+            for pickle in ["pytorch_model.bin", "pytorch_model.bin.index.json"] {
+                if dir.join(pickle).exists() {
+                    return Err(Error::PickleOnly { dir: dir.to_path_buf(), file: pickle.to_string() });
+                }
+            }
+            return Err(Error::NoWeights { dir: dir.to_path_buf() });
+        };
+
+        let mut shards = Vec::with_capacity(file_names.len());
+        let mut by_name: HashMap<String, TensorRef> = HashMap::new();
+        for (si, name) in file_names.iter().enumerate() {
+            let path = dir.join(name);
+            if !path.is_file() {
+                return Err(Error::Index {
+                    problem: format!("names shard `{name}`, which does not exist in `{}`", dir.display()),
+                });
+            }
+            let shard = Shard::open(&path, name)?;
+            for (ei, t) in shard.header.tensors.iter().enumerate() {
+                if let Some(prev) = by_name.insert(t.name.clone(), TensorRef { shard: si, entry: ei }) {
+                    return Err(Error::DuplicateTensor {
+                        name: t.name.clone(),
+                        first: file_names[prev.shard].clone(),
+                        second: name.clone(),
+                    });
+                }
+            }
+            shards.push(shard);
+        }
+        let ckpt = Checkpoint { dir: dir.to_path_buf(), config, shards, index, by_name };
+        ckpt.check_index()?;
+        Ok(ckpt)
+    }
+
+    /// Every index entry must be in the shard the index names.
+    fn check_index(&self) -> Result<()> {
+        let Some(index) = &self.index else {
+            return Ok(());
+        };
+        let map = index.get("weight_map").and_then(Value::as_object).expect("read_index checked weight_map");
+        for (tensor, file) in map {
+            let file = file.as_str().expect("read_index checked the values");
+            match self.by_name.get(tensor) {
+                Some(r) if self.shards[r.shard].file_name == file => {}
+                Some(r) => {
+                    return Err(Error::Index {
+                        problem: format!(
+                            "puts tensor `{tensor}` in `{file}`, but it is in `{}`",
+                            self.shards[r.shard].file_name
+                        ),
+                    });
+                }
+                None => {
+                    return Err(Error::Index { problem: format!("tensor `{tensor}` is not in its shard `{file}`") });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// All tensors, shard by shard in file order, each in header order.
+    pub fn tensors(&self) -> impl Iterator<Item = (TensorRef, &TensorEntry)> {
+        self.shards.iter().enumerate().flat_map(|(si, s)| {
+            s.header.tensors.iter().enumerate().map(move |(ei, t)| (TensorRef { shard: si, entry: ei }, t))
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<(TensorRef, &TensorEntry)> {
+        let r = *self.by_name.get(name)?;
+        Some((r, self.entry(r)))
+    }
+
+    pub fn entry(&self, r: TensorRef) -> &TensorEntry {
+        &self.shards[r.shard].header.tensors[r.entry]
+    }
+
+    /// Stored bytes of a tensor.
+    pub fn bytes(&self, r: TensorRef) -> &[u8] {
+        let s = &self.shards[r.shard];
+        s.tensor_bytes(&s.header.tensors[r.entry])
+    }
+
+    /// The shard file name a tensor lives in.
+    pub fn file_of(&self, r: TensorRef) -> &str {
+        &self.shards[r.shard].file_name
+    }
+
+    /// Decodes a float tensor to f32 (exact for bf16/f16/f32).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (r, t) = self.get(name).ok_or_else(|| Error::Tensor {
+            name: name.to_string(),
+            file: self.shards.first().map(|s| s.file_name.clone()).unwrap_or_default(),
+            problem: "not found in the checkpoint".into(),
+        })?;
+        if !t.dtype.is_float() {
+            return Err(self.tensor_error(r, format!("dtype {} is not a float type", t.dtype)));
+        }
+        let mut out = vec![0f32; t.numel()];
+        dtype::decode_f32(t.dtype, self.bytes(r), &mut out);
+        Ok(out)
+    }
+
+    pub fn tensor_error(&self, r: TensorRef, problem: String) -> Error {
+        Error::Tensor { name: self.entry(r).name.clone(), file: self.file_of(r).to_string(), problem }
+    }
+
+    /// The role of a tensor in this checkpoint's family.
+    pub fn role(&self, r: TensorRef) -> Role {
+        let t = self.entry(r);
+        roles::classify(self.config.family, &t.name, t.shape.len())
+    }
+
+    /// Whether the LM head reads the embedding: the config says so and no `lm_head.weight` is stored.
+    pub fn tied(&self) -> bool {
+        self.config.tie_word_embeddings && !self.has_lm_head()
+    }
+
+    pub fn has_lm_head(&self) -> bool {
+        self.get("lm_head.weight").is_some() || self.get("language_model.lm_head.weight").is_some()
+    }
+
+    /// The stored name of the token embedding.
+    pub fn embedding_name(&self) -> Option<&str> {
+        self.tensors()
+            .find(|(r, _)| matches!(self.role(*r), Role::Writer(Writer { kind: WriterKind::Embedding, .. })))
+            .map(|(_, t)| t.name.as_str())
+    }
+
+    /// Checks that every tensor is known (unless `excluded`) and that every writer has a float
+    /// dtype and the shape config.json implies. Returns the roles in [`Checkpoint::tensors`] order.
+    pub fn check_roles(&self, excluded: impl Fn(&str) -> bool) -> Result<Vec<Role>> {
+        let mut unknown: Vec<(usize, String)> = Vec::new();
+        let mut roles = Vec::new();
+        for (r, t) in self.tensors() {
+            let role = self.role(r);
+            if let Role::Writer(w) = &role
+                && !excluded(&t.name)
+            {
+                self.check_writer(r, w)?;
+            }
+            if role == Role::Unknown && !excluded(&t.name) {
+                unknown.push((r.shard, t.name.clone()));
+            }
+            roles.push(role);
+        }
+        if let Some((shard, _)) = unknown.first() {
+            let shard = *shard;
+            let names = unknown.iter().filter(|(s, _)| *s == shard).map(|(_, n)| n.clone()).collect();
+            return Err(Error::UnknownTensors { names, file: self.shards[shard].file_name.clone() });
+        }
+        if !self.config.tie_word_embeddings && !self.has_lm_head() {
+            return Err(Error::Config {
+                path: self.dir.join("config.json"),
+                source: ConfigError::BadField {
+                    field: "tie_word_embeddings (false, but no lm_head.weight is stored)".into(),
+                },
+            });
+        }
+        Ok(roles)
+    }
+
+    fn check_writer(&self, r: TensorRef, w: &Writer) -> Result<()> {
+        let t = self.entry(r);
+        if !t.dtype.is_float() {
+            return Err(self.tensor_error(
+                r,
+                format!(
+                    "dtype {} is not supported for a residual writer (BF16, F16, F32 and F64 are); \
+                     quantized checkpoints must be dequantized first",
+                    t.dtype
+                ),
+            ));
+        }
+        let want = roles::expected_shape(&self.config, w);
+        let fits = want.len() == t.shape.len() && want.iter().zip(&t.shape).all(|(w, &s)| w.is_none_or(|w| w == s));
+        if !fits {
+            return Err(self.tensor_error(
+                r,
+                format!("shape {:?} contradicts config.json ({})", t.shape, roles::shape_fields(&self.config, w)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Files of the model directory other than the weights and the index, relative to `dir`,
+    /// sorted (what an edited copy must carry over unchanged).
+    pub fn other_files(&self) -> Result<Vec<PathBuf>> {
+        let weights: std::collections::HashSet<&str> = self.shards.iter().map(|s| s.file_name.as_str()).collect();
+        let mut out = Vec::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let abs = self.dir.join(&rel);
+            let rd = std::fs::read_dir(&abs).map_err(|source| Error::Io { path: abs.clone(), source })?;
+            for entry in rd {
+                let entry = entry.map_err(|source| Error::Io { path: abs.clone(), source })?;
+                let rel_child = rel.join(entry.file_name());
+                // Follow symlinks (a Hugging Face cache snapshot is all symlinks).
+                let meta =
+                    std::fs::metadata(entry.path()).map_err(|source| Error::Io { path: entry.path(), source })?;
+                if meta.is_dir() {
+                    stack.push(rel_child);
+                } else if meta.is_file() {
+                    let top = rel.as_os_str().is_empty();
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if top && (weights.contains(name.as_ref()) || (self.index.is_some() && name == INDEX_FILE)) {
+                        continue;
+                    }
+                    out.push(rel_child);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Reads and checks `model.safetensors.index.json`; returns the shard file names (sorted, unique).
+fn read_index(dir: &Path) -> Result<(Vec<String>, Map<String, Value>)> {
+    let path = dir.join(INDEX_FILE);
+    let text = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let bad = |problem: String| Error::Index { problem };
+    let value: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let Value::Object(index) = value else {
+        return Err(bad("not a JSON object".into()));
+    };
+    let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut names: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| bad(format!("shard of tensor `{tensor}` is not a string")))?;
+        check_shard_name(file).map_err(|why| bad(format!("shard name `{file}` {why}")))?;
+        names.push(file.to_string());
+    }
+    if names.is_empty() {
+        return Err(bad("`weight_map` is empty".into()));
+    }
+    names.sort();
+    names.dedup();
+    Ok((names, index))
+}
+
+/// A shard must be a plain file name inside the model directory.
+fn check_shard_name(name: &str) -> Result<(), &'static str> {
+    let p = Path::new(name);
+    if p.is_absolute() || name.starts_with('/') || name.starts_with('\\') {
+        return Err("is an absolute path; shards must be files inside the model directory");
+    }
+    let mut comps = p.components();
+    match (comps.next(), comps.next()) {
+        (Some(Component::Normal(_)), None) if !name.contains('\\') && !name.contains('/') => Ok(()),
+        _ if p.components().any(|c| matches!(c, Component::ParentDir)) || name.contains("..") => {
+            Err("leaves the model directory; shards must be files inside it")
+        }
+        _ => Err("is not a plain file name; shards must be files directly inside the model directory"),
+    }
+}
