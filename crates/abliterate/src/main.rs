@@ -1,1 +1,53 @@
-fn main() {}
+//! The `abliterate` command line: a thin layer over the library crates. This is the only crate
+//! that knows clap, terminals, progress bars and JSON output.
+//!
+//! Exit codes: 0 success, 1 a gate failed (`diff --expect-orthogonal`, later `verify`), 2 an error.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod progress;
+
+#[derive(Parser)]
+#[command(name = "abliterate", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a checkpoint: family, dimensions, shards, residual writers, and what an edit would rewrite.
+    Inspect(cmd::inspect::Args),
+    /// Write a copy of a checkpoint in which no weight writes a direction into the residual stream.
+    Edit(cmd::edit::Args),
+    /// Compare two checkpoints tensor by tensor (optionally against a direction); a gate for CI.
+    Diff(cmd::diff::Args),
+    /// Generate a chat reply, optionally with a direction ablated or added, to preview an edit.
+    Generate(cmd::generate::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Edit(a) => cmd::edit::run(a),
+        Command::Diff(a) => cmd::diff::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `abliterate inspect m | head` must exit quietly.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}

@@ -62,6 +62,15 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Views a tensor of this writer as `[outer, d, inner]` around its d_model axis: a weight
+    /// `[d, k]` is `[1, d, k]`, an embedding `[V, d]` is `[V, d, 1]`, a bias `[d]` is `[1, d, 1]`,
+    /// fused experts `[E, d, k]` are `[E, d, k]`. Every edit and measurement works on this view.
+    pub fn view(&self, shape: &[usize]) -> (usize, usize, usize) {
+        let outer = shape[..self.model_axis].iter().product();
+        let inner = shape[self.model_axis + 1..].iter().product();
+        (outer, shape[self.model_axis], inner)
+    }
+
     /// The site whose post-norm (Gemma 2/3) follows this writer; None for the embedding.
     pub fn site(&self) -> Option<Site> {
         match self.kind {

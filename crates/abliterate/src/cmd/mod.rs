@@ -1,0 +1,6 @@
+//! One module per subcommand: its clap `Args` and its `run`.
+
+pub mod diff;
+pub mod edit;
+pub mod generate;
+pub mod inspect;
