@@ -1,1 +1,16 @@
-fn main() {}
+//! Project tasks: `cargo xtask fixtures` regenerates the committed tiny checkpoints;
+//! `cargo xtask bench edit|forward` runs the benchmarks recorded in docs/benchmarks.md.
+
+mod bench_edit;
+mod bench_forward;
+mod fixtures;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["fixtures", rest @ ..] => fixtures::run(rest),
+        ["bench", "edit", rest @ ..] => bench_edit::run(rest),
+        ["bench", "forward", rest @ ..] => bench_forward::run(rest),
+        _ => anyhow::bail!("usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...]"),
+    }
+}
