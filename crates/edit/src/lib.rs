@@ -1,8 +1,65 @@
 //! Weight orthogonalization (method.md §6): remove a direction from everything that writes to the
 //! residual stream, streaming a checkpoint into an edited copy.
 //!
-//! Depends on `checkpoint` only and never runs a forward pass.
+//! [`plan`] decides what an edit rewrites without computing anything; [`write`] streams the
+//! checkpoint into a new directory, rewriting only the planned tensors (with [`kernel`]) and
+//! copying every other byte unchanged. Depends on `checkpoint` only and never runs a forward pass;
+//! never opens an input file for writing.
 
 pub mod direction;
+pub mod plan;
+
+use std::path::PathBuf;
 
 pub use direction::{Direction, DirectionError};
+pub use plan::{Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, plan};
+
+/// Everything that can go wrong in an edit. Messages are lowercase and name the thing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+    #[error(transparent)]
+    Direction(#[from] DirectionError),
+    #[error("--layers `{spec}`: {problem}")]
+    Layers { spec: String, problem: String },
+    #[error("--exclude `{pattern}` is not a valid glob: {reason}")]
+    Pattern { pattern: String, reason: String },
+    #[error("--scale {0} is not a finite number")]
+    Scale(f64),
+    #[error("output `{}` is the model directory itself; the input is never modified, so choose another -o", out.display())]
+    OutputIsModel { out: PathBuf },
+    #[error("output `{}` is inside the model directory `{}`; choose a directory outside it", out.display(), model.display())]
+    OutputInsideModel { out: PathBuf, model: PathBuf },
+    #[error(
+        "output `{}` contains the input `{}`, so replacing it would delete the model; choose another -o",
+        out.display(), input.display()
+    )]
+    OutputContainsInput { out: PathBuf, input: PathBuf },
+    #[error("output `{}` already exists; choose another -o, or pass --force to replace it once the edit has succeeded", out.display())]
+    OutputExists { out: PathBuf },
+    #[error("cannot write the output: `{}` is not writable ({source})", dir.display())]
+    NotWritable { dir: PathBuf, source: std::io::Error },
+    #[error(
+        "disk full while writing `{file}` (the edited model needs {} in `{}`); nothing was left behind: \
+         the temporary output was removed. Free some space or choose another -o",
+        human_bytes(*need), dir.display()
+    )]
+    DiskFull { dir: PathBuf, file: String, need: u64 },
+    #[error("`{}`: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `1234567` -> `"1.2 MB"` (decimal units, as disks are sold).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

@@ -1,0 +1,517 @@
+//! What an edit rewrites, decided from names, roles and options alone: no tensor data is read
+//! (except the small post-norm gains in [`Plan::units`]), nothing is computed or written.
+//!
+//! `inspect` shows a plan; `edit --dry-run` prints one; `write` carries one out. A plan names,
+//! for every rewritten tensor, the direction it is orthogonalized against and the scale, so that
+//! per-layer directions or per-kind scales only change the plan, never the kernel or the writer.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use checkpoint::{Checkpoint, Dtype, Family, Role, Site, TensorRef, Writer, WriterKind};
+
+use crate::{Direction, Error, Result};
+
+/// What the user asked for. `Default` is the paper's edit: every writer, scale 1, untie.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Remove `scale` times the projection (method.md §6, scale variant); 1 is the paper's edit.
+    pub scale: f64,
+    /// Decoder layers whose writers are edited; `None` means all. The embedding belongs to no
+    /// layer: `--layers` never excludes it, only [`Options::skip_embeddings`] does.
+    pub layers: Option<LayerSet>,
+    /// Leave the token embedding unedited.
+    pub skip_embeddings: bool,
+    /// Globs on tensor names. Matching tensors are copied unchanged (writers included) and an
+    /// unknown tensor that matches is no longer an error. All are reported.
+    pub exclude: Vec<String>,
+    /// With tied embeddings, keep the tie (the edit then also changes the unembedding) instead of
+    /// writing the original embedding as an untied `lm_head.weight` (method.md §6, tied embeddings).
+    pub keep_tie: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { scale: 1.0, layers: None, skip_embeddings: false, exclude: Vec::new(), keep_tie: false }
+    }
+}
+
+/// A set of decoder layers, written like `0-10,12` (inclusive ranges and single layers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerSet {
+    spec: String,
+    ranges: Vec<(usize, usize)>,
+}
+
+impl LayerSet {
+    pub fn parse(spec: &str) -> Result<LayerSet> {
+        let bad = |problem: String| Error::Layers { spec: spec.to_string(), problem };
+        let mut ranges = Vec::new();
+        for part in spec.split(',') {
+            let part = part.trim();
+            if part.is_empty() {
+                return Err(bad("empty item; write layers like `0-10,12`".into()));
+            }
+            let num = |s: &str| {
+                s.trim()
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("`{s}` is not a layer number; write layers like `0-10,12`")))
+            };
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => {
+                    let n = num(part)?;
+                    (n, n)
+                }
+            };
+            if a > b {
+                return Err(bad(format!("range `{part}` is empty (its start is after its end)")));
+            }
+            ranges.push((a, b));
+        }
+        Ok(LayerSet { spec: spec.to_string(), ranges })
+    }
+
+    pub fn contains(&self, layer: usize) -> bool {
+        self.ranges.iter().any(|&(a, b)| (a..=b).contains(&layer))
+    }
+
+    /// The largest layer named.
+    pub fn max(&self) -> usize {
+        self.ranges.iter().map(|&(_, b)| b).max().unwrap_or(0)
+    }
+
+    /// The text it was parsed from.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+}
+
+impl FromStr for LayerSet {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<LayerSet> {
+        LayerSet::parse(s)
+    }
+}
+
+impl fmt::Display for LayerSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+/// Which unit vector a tensor is orthogonalized against.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Against {
+    /// `r̂ = r/||r||`.
+    Direction,
+    /// Gemma 2/3: `ŝ = (g ⊙ r̂)/||g ⊙ r̂||` with `g = 1 + w` of the post-norm `norm` that follows
+    /// this writer in its layer (method.md §6, post-attention and post-feedforward RMSNorm).
+    GainWeighted { norm: String, norm_tensor: TensorRef },
+}
+
+impl Against {
+    pub fn label(&self) -> String {
+        match self {
+            Against::Direction => "r".to_string(),
+            Against::GainWeighted { norm, .. } => format!("gain-weighted by `{norm}`"),
+        }
+    }
+}
+
+/// One tensor the edit rewrites.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorEdit {
+    pub name: String,
+    pub tensor: TensorRef,
+    /// Shard file name.
+    pub file: String,
+    pub writer: Writer,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+    pub against: Against,
+    pub scale: f64,
+}
+
+impl TensorEdit {
+    /// `attn_out`, `mlp_down`, ... with `_bias` for biases.
+    pub fn kind_label(&self) -> String {
+        writer_label(&self.writer)
+    }
+}
+
+pub fn writer_label(w: &Writer) -> String {
+    if w.bias { format!("{}_bias", w.kind.label()) } else { w.kind.label().to_string() }
+}
+
+/// A tensor the edit adds: the untied LM head, a byte copy of the original embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Added {
+    pub name: String,
+    /// Shard it is appended to (the one holding the embedding).
+    pub file: String,
+    /// The tensor whose original bytes it copies.
+    pub copy_of: String,
+    pub source: TensorRef,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExcludeReason {
+    /// Matched an `--exclude` glob.
+    Pattern(String),
+    /// A writer of a layer outside `--layers`.
+    Layers,
+    /// The embedding, with `--skip-embeddings`.
+    SkipEmbeddings,
+}
+
+impl fmt::Display for ExcludeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExcludeReason::Pattern(p) => write!(f, "--exclude `{p}`"),
+            ExcludeReason::Layers => f.write_str("--layers"),
+            ExcludeReason::SkipEmbeddings => f.write_str("--skip-embeddings"),
+        }
+    }
+}
+
+/// A tensor left unedited on purpose (copied bit for bit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Excluded {
+    pub name: String,
+    pub file: String,
+    pub role: Role,
+    pub reason: ExcludeReason,
+}
+
+/// What happens to tied embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tie {
+    /// The checkpoint stores its own LM head (or the config unties it): nothing to do.
+    NotTied,
+    /// Tied, and the embedding is edited: add `lm_head.weight` = the original embedding and write
+    /// `tie_word_embeddings: false` (the default; method.md §6 project decision).
+    Untie,
+    /// Tied, the embedding is edited, and `--keep-tie`: the unembedding changes too, so the edited
+    /// model is not equivalent to ablation (method.md §7, where the equivalence fails, 1).
+    KeepTie,
+    /// Tied, but the embedding is not edited: the tie stays and the head is unchanged.
+    TiedUnedited,
+}
+
+/// How often each `--exclude` glob matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatternUse {
+    pub pattern: String,
+    pub matched: usize,
+}
+
+/// Everything an edit would do, before doing it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub family: Family,
+    pub options: Options,
+    /// Tensors to rewrite, in [`Checkpoint::tensors`] order.
+    pub edits: Vec<TensorEdit>,
+    /// Tensors to add.
+    pub added: Vec<Added>,
+    /// Tensors deliberately left unedited, with why.
+    pub excluded: Vec<Excluded>,
+    pub patterns: Vec<PatternUse>,
+    pub tie: Tie,
+    /// Tensors copied unchanged (everything not in `edits`), and their bytes.
+    pub unchanged: usize,
+    pub unchanged_bytes: u64,
+}
+
+impl Plan {
+    /// Bytes of tensor data rewritten.
+    pub fn edit_bytes(&self) -> u64 {
+        self.edits.iter().map(|e| e.bytes).sum()
+    }
+
+    /// Bytes of tensor data added.
+    pub fn added_bytes(&self) -> u64 {
+        self.added.iter().map(|a| a.bytes).sum()
+    }
+
+    /// Number of edited tensors per writer label, in a stable order.
+    pub fn counts_by_kind(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for kind in WriterKind::ALL {
+            for bias in [false, true] {
+                let n = self.edits.iter().filter(|e| e.writer.kind == kind && e.writer.bias == bias).count();
+                if n > 0 {
+                    let w = Writer { kind, layer: None, expert: None, bias, model_axis: 0 };
+                    out.push((writer_label(&w), n));
+                }
+            }
+        }
+        out
+    }
+
+    /// The unit vector of every edit, in `edits` order: `r̂` (one shared allocation), or for
+    /// Gemma 2/3 post-norm writers the layer's gain-weighted `ŝ`. Reads only the post-norm gains.
+    /// A gain-weighted direction that is exactly zero (`g ⊙ r̂ = 0`) is returned as zeros: the write
+    /// is already orthogonal and the kernel then leaves the tensor bit for bit unchanged.
+    pub fn units(&self, ckpt: &Checkpoint, direction: &Direction) -> Result<Vec<Arc<[f64]>>> {
+        let d = ckpt.config.hidden_size;
+        if direction.values.len() != d {
+            return Err(Error::Direction(crate::DirectionError::Invalid {
+                path: direction.path.clone(),
+                problem: format!(
+                    "`direction` has length {} but the model's hidden_size is {d}",
+                    direction.values.len()
+                ),
+            }));
+        }
+        let r_hat: Arc<[f64]> = direction.unit().into();
+        let mut gain_weighted: HashMap<(usize, usize), Arc<[f64]>> = HashMap::new();
+        let mut out = Vec::with_capacity(self.edits.len());
+        for e in &self.edits {
+            match &e.against {
+                Against::Direction => out.push(r_hat.clone()),
+                Against::GainWeighted { norm_tensor, .. } => {
+                    let key = (norm_tensor.shard, norm_tensor.entry);
+                    if let Some(s) = gain_weighted.get(&key) {
+                        out.push(s.clone());
+                        continue;
+                    }
+                    let s: Arc<[f64]> = gain_weighted_unit(ckpt, *norm_tensor, &r_hat)?.into();
+                    gain_weighted.insert(key, s.clone());
+                    out.push(s);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `ŝ = (g ⊙ r̂)/||g ⊙ r̂||` with `g = 1 + w` in f64 from the exact stored gain (method.md §6).
+fn gain_weighted_unit(ckpt: &Checkpoint, norm: TensorRef, r_hat: &[f64]) -> Result<Vec<f64>> {
+    let t = ckpt.entry(norm);
+    let d = r_hat.len();
+    if t.shape != [d] || !t.dtype.is_float() {
+        return Err(ckpt
+            .tensor_error(
+                norm,
+                format!("a post-norm gain must be a float vector of hidden_size {d}, found {} {:?}", t.dtype, t.shape),
+            )
+            .into());
+    }
+    let mut w = vec![0f64; d];
+    checkpoint::dtype::decode_f64(t.dtype, ckpt.bytes(norm), &mut w);
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(ckpt.tensor_error(norm, format!("post-norm gain is not finite at index {i}")).into());
+    }
+    let s: Vec<f64> = w.iter().zip(r_hat).map(|(w, r)| (1.0 + w) * r).collect();
+    let n = s.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if n == 0.0 {
+        return Ok(vec![0.0; d]);
+    }
+    Ok(s.iter().map(|v| v / n).collect())
+}
+
+/// The LM head name that unties a given embedding name.
+fn lm_head_name(embedding: &str) -> String {
+    match embedding.strip_suffix("model.embed_tokens.weight") {
+        // `language_model.model.embed_tokens.weight` (older multimodal Gemma 3 layout)
+        Some(prefix) if prefix.ends_with("language_model.") => format!("{prefix}lm_head.weight"),
+        _ => "lm_head.weight".to_string(),
+    }
+}
+
+/// Compiled `--exclude` globs, each matched on its own so that we can say which one excluded what.
+struct Excludes {
+    globs: Vec<(String, globset::GlobMatcher)>,
+}
+
+impl Excludes {
+    fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut globs = Vec::new();
+        for p in patterns {
+            let g = globset::GlobBuilder::new(p)
+                .literal_separator(false)
+                .build()
+                .map_err(|e| Error::Pattern { pattern: p.clone(), reason: e.kind().to_string() })?;
+            globs.push((p.clone(), g.compile_matcher()));
+        }
+        Ok(Excludes { globs })
+    }
+
+    /// The first glob matching `name`.
+    fn matching(&self, name: &str) -> Option<&str> {
+        self.globs.iter().find(|(_, g)| g.is_match(name)).map(|(p, _)| p.as_str())
+    }
+}
+
+/// Decides what an edit of `ckpt` with `opts` rewrites, adds and leaves alone.
+///
+/// Fails (naming the tensor) on an unknown tensor that no `--exclude` matches, a writer whose
+/// dtype or shape is wrong, a layer outside the model, a bad glob or a non-finite scale.
+pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
+    if !opts.scale.is_finite() {
+        return Err(Error::Scale(opts.scale));
+    }
+    let n_layers = ckpt.config.num_hidden_layers;
+    if let Some(ls) = &opts.layers
+        && ls.max() >= n_layers
+    {
+        return Err(Error::Layers {
+            spec: ls.spec().to_string(),
+            problem: format!("names layer {} but the model has {n_layers} layers (0-{})", ls.max(), n_layers - 1),
+        });
+    }
+    let excludes = Excludes::new(&opts.exclude)?;
+    let roles = ckpt.check_roles(|name| excludes.matching(name).is_some())?;
+
+    // Gemma 2/3: the post-norm that follows each writer site.
+    let mut post_norms: HashMap<(usize, Site), (TensorRef, String)> = HashMap::new();
+    for ((r, t), role) in ckpt.tensors().zip(&roles) {
+        if let Role::PostNorm { layer, site } = role {
+            post_norms.insert((*layer, *site), (r, t.name.clone()));
+        }
+    }
+
+    let mut edits = Vec::new();
+    let mut excluded = Vec::new();
+    let mut matched = vec![0usize; opts.exclude.len()];
+    let mut unchanged = 0usize;
+    let mut unchanged_bytes = 0u64;
+    let mut embedding: Option<(TensorRef, String)> = None;
+    let mut embedding_edited = false;
+    for ((r, t), role) in ckpt.tensors().zip(&roles) {
+        let file = ckpt.file_of(r).to_string();
+        let pattern = excludes.matching(&t.name);
+        if let Some(p) = pattern {
+            let i = opts.exclude.iter().position(|q| q == p).expect("the glob came from opts.exclude");
+            matched[i] += 1;
+        }
+        let reason = match (role, pattern) {
+            (_, Some(p)) => Some(ExcludeReason::Pattern(p.to_string())),
+            (Role::Writer(w), None) if w.kind == WriterKind::Embedding && opts.skip_embeddings => {
+                Some(ExcludeReason::SkipEmbeddings)
+            }
+            (Role::Writer(w), None) => match (w.layer, &opts.layers) {
+                (Some(l), Some(ls)) if !ls.contains(l) => Some(ExcludeReason::Layers),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Role::Writer(w) = role
+            && w.kind == WriterKind::Embedding
+        {
+            embedding = Some((r, t.name.clone()));
+        }
+        let Role::Writer(w) = role else {
+            if let Some(reason) = reason {
+                excluded.push(Excluded { name: t.name.clone(), file, role: *role, reason });
+            }
+            unchanged += 1;
+            unchanged_bytes += t.nbytes() as u64;
+            continue;
+        };
+        if let Some(reason) = reason {
+            excluded.push(Excluded { name: t.name.clone(), file, role: *role, reason });
+            unchanged += 1;
+            unchanged_bytes += t.nbytes() as u64;
+            continue;
+        }
+        let against = match (ckpt.config.family.has_post_norms(), w.layer, w.site()) {
+            (true, Some(layer), Some(site)) => {
+                let (norm_tensor, norm) = post_norms.get(&(layer, site)).cloned().ok_or_else(|| {
+                    ckpt.tensor_error(
+                        r,
+                        format!(
+                            "{} writes through a post-norm, but layer {layer} has no `{}` (method.md §6)",
+                            ckpt.config.family.name(),
+                            match site {
+                                Site::Attn => "post_attention_layernorm.weight",
+                                Site::Mlp => "post_feedforward_layernorm.weight",
+                            }
+                        ),
+                    )
+                })?;
+                Against::GainWeighted { norm, norm_tensor }
+            }
+            _ => Against::Direction,
+        };
+        if w.kind == WriterKind::Embedding {
+            embedding_edited = true;
+        }
+        edits.push(TensorEdit {
+            name: t.name.clone(),
+            tensor: r,
+            file,
+            writer: *w,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            bytes: t.nbytes() as u64,
+            against,
+            scale: opts.scale,
+        });
+    }
+
+    let tie = match (ckpt.tied(), embedding_edited, opts.keep_tie) {
+        (false, _, _) => Tie::NotTied,
+        (true, false, _) => Tie::TiedUnedited,
+        (true, true, true) => Tie::KeepTie,
+        (true, true, false) => Tie::Untie,
+    };
+    let mut added = Vec::new();
+    if tie == Tie::Untie {
+        let (source, name) = embedding.expect("an edited embedding was seen");
+        let t = ckpt.entry(source);
+        added.push(Added {
+            name: lm_head_name(&name),
+            file: ckpt.file_of(source).to_string(),
+            copy_of: name,
+            source,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            bytes: t.nbytes() as u64,
+        });
+    }
+    let patterns =
+        opts.exclude.iter().zip(matched).map(|(p, matched)| PatternUse { pattern: p.clone(), matched }).collect();
+    Ok(Plan {
+        family: ckpt.config.family,
+        options: opts.clone(),
+        edits,
+        added,
+        excluded,
+        patterns,
+        tie,
+        unchanged,
+        unchanged_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_sets_parse_ranges_and_reject_nonsense() {
+        let s = LayerSet::parse("0-2, 5").unwrap();
+        assert!(s.contains(0) && s.contains(2) && s.contains(5) && !s.contains(3));
+        assert_eq!(s.max(), 5);
+        let e = |s: &str| LayerSet::parse(s).unwrap_err().to_string();
+        assert_eq!(e("3-1"), "--layers `3-1`: range `3-1` is empty (its start is after its end)");
+        assert_eq!(e("a"), "--layers `a`: `a` is not a layer number; write layers like `0-10,12`");
+        assert_eq!(e("1,,2"), "--layers `1,,2`: empty item; write layers like `0-10,12`");
+    }
+
+    #[test]
+    fn lm_head_follows_the_embedding_layout() {
+        assert_eq!(lm_head_name("model.embed_tokens.weight"), "lm_head.weight");
+        assert_eq!(lm_head_name("model.language_model.embed_tokens.weight"), "lm_head.weight");
+        assert_eq!(lm_head_name("language_model.model.embed_tokens.weight"), "language_model.lm_head.weight");
+    }
+}
