@@ -64,7 +64,7 @@ pub fn run(args: &[&str]) -> anyhow::Result<()> {
 
 /// `fixtures/models/` of this workspace.
 pub fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models")
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root").join("fixtures/models")
 }
 
 /// Every generated file, by path relative to `fixtures/models/`.
@@ -329,6 +329,28 @@ mod tests {
         for family in Family::ALL {
             assert!(seen.contains(&family), "no fixture of {family:?}");
         }
+    }
+
+    /// The fused (transformers 5.x) layout holds qwen3_moe's expert values: expert e's gate rows,
+    /// then its up rows, in `gate_up_proj[e]`, and its down matrix in `down_proj[e]`.
+    #[test]
+    fn fused_experts_hold_the_per_expert_values() {
+        let root = models_dir();
+        let split = Checkpoint::open(&root.join("qwen3_moe/bf16")).unwrap();
+        let fused = Checkpoint::open(&root.join("qwen3_moe_fused/bf16")).unwrap();
+        let p = "model.layers.0.mlp.experts";
+        let gate_up = fused.read_f32(&format!("{p}.gate_up_proj")).unwrap();
+        let down = fused.read_f32(&format!("{p}.down_proj")).unwrap();
+        let (ff, d) = (EXPERT_FF, HIDDEN);
+        for e in 0..EXPERTS {
+            let part = |n: &str| split.read_f32(&format!("{p}.{e}.{n}.weight")).unwrap();
+            let g = &gate_up[e * 2 * ff * d..][..2 * ff * d];
+            assert_eq!(&g[..ff * d], part("gate_proj").as_slice(), "expert {e} gate");
+            assert_eq!(&g[ff * d..], part("up_proj").as_slice(), "expert {e} up");
+            assert_eq!(&down[e * d * ff..][..d * ff], part("down_proj").as_slice(), "expert {e} down");
+        }
+        assert!(fused.get(&format!("{p}.0.down_proj.weight")).is_none());
+        assert!(fused.get("model.layers.1.mlp.down_proj.weight").is_some(), "layer 1 stays dense");
     }
 
     #[test]
