@@ -155,7 +155,10 @@ mod tests {
         let prefix = format!("direction file `{}`: ", dir.path().join("d.safetensors").display());
         assert_eq!(err(&[1.0, 2.0], 3), format!("{prefix}`direction` has length 2 but the model's hidden_size is 3"));
         assert_eq!(err(&[1.0, f64::NAN], 2), format!("{prefix}`direction` contains NaN (at index 1)"));
-        assert_eq!(err(&[f64::INFINITY, 1.0], 2), format!("{prefix}`direction` contains an infinite value (at index 0)"));
+        assert_eq!(
+            err(&[f64::INFINITY, 1.0], 2),
+            format!("{prefix}`direction` contains an infinite value (at index 0)")
+        );
         assert_eq!(err(&[0.0, 0.0], 2), format!("{prefix}`direction` is the zero vector, which has no direction"));
     }
 }

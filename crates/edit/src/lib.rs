@@ -7,12 +7,21 @@
 //! never opens an input file for writing.
 
 pub mod direction;
+pub mod kernel;
+pub mod manifest;
+pub mod output;
 pub mod plan;
+#[doc(hidden)]
+pub mod synth;
+pub mod write;
 
 use std::path::PathBuf;
 
 pub use direction::{Direction, DirectionError};
+pub use manifest::{FileRecord, Ledger, Report};
+pub use output::OutputTarget;
 pub use plan::{Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, plan};
+pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write};
 
 /// Everything that can go wrong in an edit. Messages are lowercase and name the thing.
 #[derive(Debug, thiserror::Error)]

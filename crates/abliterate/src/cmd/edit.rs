@@ -1,14 +1,237 @@
-//! `abliterate edit` (being built).
+//! `abliterate edit MODEL --direction FILE -o OUT`: write a copy of a checkpoint in which no weight
+//! writes the direction into the residual stream (method.md §6). The work is `edit::plan` and
+//! `edit::write`; this file only parses options and reports.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use checkpoint::Checkpoint;
+use edit::{Direction, LayerSet, Options, OutputTarget, Plan, Report, Tie, human_bytes};
+use serde_json::{Value, json};
+
+use crate::progress;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory.
+    /// Model directory: a Hugging Face checkpoint (config.json and safetensors weights).
     model: PathBuf,
+    /// Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm).
+    #[arg(long, value_name = "FILE")]
+    direction: PathBuf,
+    /// Output directory. Written beside it as a temporary directory and renamed when complete.
+    #[arg(short = 'o', long = "output", value_name = "OUT", required_unless_present = "dry_run")]
+    output: Option<PathBuf>,
+    /// Remove SCALE times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
+    /// 2 reflects (method.md §6, scale variant).
+    #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
+    scale: f64,
+    /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no
+    /// layer and is edited regardless (use --skip-embeddings to leave it).
+    #[arg(long, value_name = "RANGE")]
+    layers: Option<String>,
+    /// Leave the token embedding unedited.
+    #[arg(long)]
+    skip_embeddings: bool,
+    /// Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an
+    /// unknown tensor you know does not write to the residual stream. Reported in the manifest.
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// With tied embeddings, keep the tie: the edit then also changes the unembedding, so the
+    /// model is no longer equivalent to ablation. By default the original embedding is written as
+    /// an untied lm_head.weight.
+    #[arg(long)]
+    keep_tie: bool,
+    /// Print the plan (what would be rewritten, added and excluded) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace OUT if it exists (only after the new one is complete).
+    #[arg(long)]
+    force: bool,
+    /// Print a machine-readable summary on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`abliterate edit` is not built yet ({})", args.model.display())
+struct Bar(indicatif::ProgressBar);
+
+impl edit::Progress for Bar {
+    fn start(&self, total_bytes: u64) {
+        self.0.set_length(total_bytes);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let ckpt = Checkpoint::open(&args.model)?;
+    let direction = Direction::load(&args.direction, ckpt.config.hidden_size)?;
+    let opts = Options {
+        scale: args.scale,
+        layers: args.layers.as_deref().map(LayerSet::parse).transpose()?,
+        skip_embeddings: args.skip_embeddings,
+        exclude: args.exclude.clone(),
+        keep_tie: args.keep_tie,
+    };
+    let plan = edit::plan(&ckpt, &opts)?;
+    for p in plan.patterns.iter().filter(|p| p.matched == 0) {
+        eprintln!("warning: --exclude `{}` matched no tensor", p.pattern);
+    }
+    if args.dry_run {
+        if let Some(out) = &args.output {
+            let inputs: Vec<PathBuf> = ckpt.shards.iter().map(|s| s.path.clone()).collect();
+            OutputTarget::check(&ckpt.dir, &inputs, out, args.force)?;
+        }
+        if args.json {
+            let mut v = edit::manifest::plan_json(&plan);
+            v["model"] = json!(args.model.display().to_string());
+            v["direction"] = edit::manifest::direction_json(&direction);
+            v["dry_run"] = json!(true);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print_plan(&args, &ckpt, &direction, &plan);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let out = args.output.clone().expect("clap requires -o without --dry-run");
+    let bar = Bar(progress::bar(0, "edit", true));
+    let started = Instant::now();
+    let report = edit::write(&ckpt, &plan, &direction, &out, &edit::WriteOptions { force: args.force }, &bar)?;
+    bar.0.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary_json(&args, &out, &plan, &report, seconds))?);
+    } else {
+        print_summary(&args, &out, &ckpt, &plan, &report, seconds);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kinds(plan: &Plan) -> String {
+    plan.counts_by_kind().iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
+}
+
+fn excluded_summary(plan: &Plan) -> Option<String> {
+    if plan.excluded.is_empty() {
+        return None;
+    }
+    let mut reasons: Vec<(String, usize)> = Vec::new();
+    for x in &plan.excluded {
+        let r = x.reason.to_string();
+        match reasons.iter_mut().find(|(k, _)| *k == r) {
+            Some((_, n)) => *n += 1,
+            None => reasons.push((r, 1)),
+        }
+    }
+    let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    Some(format!("{} tensor(s) left unedited ({})", plan.excluded.len(), parts.join(", ")))
+}
+
+fn print_plan(args: &Args, ckpt: &Checkpoint, direction: &Direction, plan: &Plan) {
+    let c = &ckpt.config;
+    println!(
+        "plan for `{}` ({}, {} layers, hidden {}) with `{}` (norm {:.6}, sha256 {}); nothing written",
+        args.model.display(),
+        c.family.name(),
+        c.num_hidden_layers,
+        c.hidden_size,
+        args.direction.display(),
+        direction.norm(),
+        &direction.sha256[..12]
+    );
+    println!("  rewrite: {} tensors, {} ({})", plan.edits.len(), human_bytes(plan.edit_bytes()), kinds(plan));
+    for a in &plan.added {
+        println!(
+            "  add: `{}` to `{}` ({}, a copy of the original `{}`)",
+            a.name,
+            a.file,
+            human_bytes(a.bytes),
+            a.copy_of
+        );
+    }
+    println!("  tie: {}", edit::manifest::tie_note(plan.tie));
+    if let Some(x) = excluded_summary(plan) {
+        println!("  excluded: {x}");
+    }
+    println!("  unchanged: {} tensors, {} copied bit for bit", plan.unchanged, human_bytes(plan.unchanged_bytes));
+    println!("  tensors to rewrite:");
+    for e in &plan.edits {
+        println!(
+            "    {}  {}  {} {:?}  scale {}  against {}",
+            e.name,
+            e.kind_label(),
+            e.dtype,
+            e.shape,
+            e.scale,
+            e.against.label()
+        );
+    }
+    for x in &plan.excluded {
+        println!("    {}  excluded by {}", x.name, x.reason);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn print_summary(args: &Args, out: &std::path::Path, ckpt: &Checkpoint, plan: &Plan, report: &Report, seconds: f64) {
+    let total: u64 = ckpt.shards.iter().map(|s| s.len()).sum();
+    println!("edited `{}` into `{}` in {seconds:.2} s", args.model.display(), out.display());
+    println!(
+        "  rewrote {} tensors ({}), {} of {}; {} tensors copied bit for bit",
+        plan.edits.len(),
+        kinds(plan),
+        human_bytes(plan.edit_bytes()),
+        human_bytes(total),
+        plan.unchanged
+    );
+    if let Some(worst) = report.worst_ratio() {
+        println!(
+            "  |r̂ᵀW'|/|r̂ᵀW| after rounding: max {:.2e} (`{}`), median {:.2e}",
+            worst.ratio(),
+            worst.name,
+            median(report.ledger.iter().map(|l| l.ratio()).collect())
+        );
+    }
+    if plan.tie != Tie::NotTied {
+        println!("  {}", edit::manifest::tie_note(plan.tie));
+    }
+    if let Some(x) = excluded_summary(plan) {
+        println!("  excluded: {x}");
+    }
+    if !report.not_copied.is_empty() {
+        println!("  not copied (weights in another format): {}", report.not_copied.join(", "));
+    }
+    println!("  manifest: `{}` (sha256 of every file, options, per-tensor ledger)", out.join(edit::MANIFEST).display());
+}
+
+fn summary_json(args: &Args, out: &std::path::Path, plan: &Plan, report: &Report, seconds: f64) -> Value {
+    let worst = report.worst_ratio();
+    json!({
+        "model": args.model.display().to_string(),
+        "output": out.display().to_string(),
+        "manifest": out.join(edit::MANIFEST).display().to_string(),
+        "direction_sha256": report.manifest["direction"]["sha256"],
+        "edited_tensors": plan.edits.len(),
+        "edited_bytes": plan.edit_bytes(),
+        "edited_by_kind": plan.counts_by_kind().into_iter().map(|(k, n)| (k, json!(n))).collect::<serde_json::Map<_, _>>(),
+        "unchanged_tensors": plan.unchanged,
+        "added": report.manifest["added"],
+        "excluded": report.manifest["excluded"],
+        "tie": report.manifest["tie"],
+        "tie_note": report.manifest["tie_note"],
+        "bytes_written": report.bytes_written,
+        "max_ratio": worst.map(|l| l.ratio()),
+        "max_ratio_tensor": worst.map(|l| l.name.clone()),
+        "not_copied": report.not_copied,
+        "seconds": seconds,
+        "ledger": report.ledger.iter().map(|l| l.to_json()).collect::<Vec<_>>(),
+    })
 }

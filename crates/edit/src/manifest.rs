@@ -1,0 +1,231 @@
+//! `abliterate.json`: what was done to a checkpoint, with enough to check it.
+//!
+//! Per edited tensor, the ledger gives `|r̂ᵀW|` before and `|r̂ᵀW'|` after (recomputed from the
+//! bytes actually written, i.e. after rounding to the stored dtype). `|r̂ᵀW|` is the 2-norm of the
+//! whole projection: `sqrt(Σ_q c_q²)` over every column `q` of the writer view (every column of
+//! a weight, every row of an embedding, every column of every fused expert), where `c_q` is the
+//! component along the unit vector the tensor was edited against (`r̂`, or Gemma 2/3's `ŝ`). It is
+//! also given relative to `||W||_F`. Nothing in the manifest depends on time, thread count or OUT.
+
+use serde_json::{Map, Value, json};
+
+use crate::Direction;
+use crate::plan::{Plan, Tie};
+
+/// One file of the input or the output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Path relative to the model (or output) directory, `/`-separated.
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The measured effect of the edit on one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ledger {
+    pub name: String,
+    pub file: String,
+    /// `attn_out`, `mlp_down`, `embedding`, ... (`_bias` for biases).
+    pub kind: String,
+    pub layer: Option<usize>,
+    pub expert: Option<usize>,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// `r`, or the post-norm whose gain weights the direction.
+    pub against: String,
+    pub scale: f64,
+    /// `|uᵀW|`: 2-norm of the projection of the original tensor.
+    pub proj_before: f64,
+    /// `|uᵀW'|` of the stored (rounded) edited tensor.
+    pub proj_after: f64,
+    /// `||W||_F` of the original.
+    pub frobenius: f64,
+    /// `max |W' − W|` over all entries, as stored.
+    pub max_change: f64,
+}
+
+impl Ledger {
+    /// `|uᵀW'| / |uᵀW|` (0 when the tensor had no component to remove).
+    pub fn ratio(&self) -> f64 {
+        if self.proj_before == 0.0 { 0.0 } else { self.proj_after / self.proj_before }
+    }
+
+    fn rel(&self, v: f64) -> f64 {
+        if self.frobenius == 0.0 { 0.0 } else { v / self.frobenius }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "file": self.file,
+            "kind": self.kind,
+            "layer": self.layer,
+            "expert": self.expert,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "against": self.against,
+            "scale": self.scale,
+            "proj_before": self.proj_before,
+            "proj_after": self.proj_after,
+            "ratio": self.ratio(),
+            "proj_before_rel_frobenius": self.rel(self.proj_before),
+            "proj_after_rel_frobenius": self.rel(self.proj_after),
+            "frobenius": self.frobenius,
+            "max_abs_change": self.max_change,
+        })
+    }
+}
+
+/// The outcome of an edit.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub ledger: Vec<Ledger>,
+    pub inputs: Vec<FileRecord>,
+    pub outputs: Vec<FileRecord>,
+    /// The manifest as written to `abliterate.json`.
+    pub manifest: Value,
+    /// Bytes written, manifest excluded.
+    pub bytes_written: u64,
+    /// Files of the model directory not carried over (weights in another format), relative paths.
+    pub not_copied: Vec<String>,
+}
+
+impl Report {
+    /// The largest `|uᵀW'| / |uᵀW|`, and its tensor.
+    pub fn worst_ratio(&self) -> Option<&Ledger> {
+        self.ledger.iter().max_by(|a, b| a.ratio().total_cmp(&b.ratio()))
+    }
+}
+
+pub fn tie_note(tie: Tie) -> &'static str {
+    match tie {
+        Tie::NotTied => "the checkpoint stores its own lm_head; nothing to untie",
+        Tie::Untie => {
+            "untied: lm_head.weight is the original embedding and tie_word_embeddings is false, so the edited \
+             model equals directional ablation (method.md §6)"
+        }
+        Tie::KeepTie => {
+            "--keep-tie: the embedding is tied to the LM head, so the edit also changes the unembedding; the \
+             edited model is not equivalent to directional ablation (method.md §7)"
+        }
+        Tie::TiedUnedited => "tied embeddings left tied: the embedding is not edited",
+    }
+}
+
+fn tie_label(tie: Tie) -> &'static str {
+    match tie {
+        Tie::NotTied => "not_tied",
+        Tie::Untie => "untied",
+        Tie::KeepTie => "kept_tie",
+        Tie::TiedUnedited => "tied_unedited",
+    }
+}
+
+fn files(records: &[FileRecord]) -> Value {
+    Value::Array(records.iter().map(|r| json!({"path": r.path, "sha256": r.sha256, "bytes": r.bytes})).collect())
+}
+
+/// The options as recorded.
+pub fn options_json(plan: &Plan) -> Value {
+    let o = &plan.options;
+    json!({
+        "scale": o.scale,
+        "layers": o.layers.as_ref().map(|l| l.spec().to_string()),
+        "skip_embeddings": o.skip_embeddings,
+        "exclude": o.exclude,
+        "keep_tie": o.keep_tie,
+    })
+}
+
+/// The plan as JSON (what `--dry-run --json` prints, and part of the manifest).
+pub fn plan_json(plan: &Plan) -> Value {
+    json!({
+        "family": plan.family.name(),
+        "options": options_json(plan),
+        "edited": plan.edits.iter().map(|e| json!({
+            "name": e.name,
+            "file": e.file,
+            "kind": e.kind_label(),
+            "layer": e.writer.layer,
+            "expert": e.writer.expert,
+            "dtype": e.dtype.as_str(),
+            "shape": e.shape,
+            "bytes": e.bytes,
+            "against": e.against.label(),
+            "scale": e.scale,
+        })).collect::<Vec<_>>(),
+        "edited_bytes": plan.edit_bytes(),
+        "added": plan.added.iter().map(|a| json!({
+            "name": a.name, "file": a.file, "copy_of": a.copy_of, "dtype": a.dtype.as_str(), "shape": a.shape, "bytes": a.bytes,
+        })).collect::<Vec<_>>(),
+        "excluded": plan.excluded.iter().map(|x| json!({"name": x.name, "file": x.file, "reason": x.reason.to_string()})).collect::<Vec<_>>(),
+        "exclude_patterns": plan.patterns.iter().map(|p| json!({"pattern": p.pattern, "matched": p.matched})).collect::<Vec<_>>(),
+        "tie": tie_label(plan.tie),
+        "tie_note": tie_note(plan.tie),
+        "unchanged_tensors": plan.unchanged,
+        "unchanged_bytes": plan.unchanged_bytes,
+    })
+}
+
+pub fn direction_json(direction: &Direction) -> Value {
+    json!({
+        "file": direction.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "sha256": direction.sha256,
+        "norm": direction.norm(),
+        "dtype": direction.dtype.as_str(),
+        "length": direction.values.len(),
+        "metadata": Value::Object(direction.metadata.clone()),
+    })
+}
+
+pub(crate) struct ManifestParts<'a> {
+    pub plan: &'a Plan,
+    pub direction: &'a Direction,
+    pub model: &'a str,
+    pub ledger: &'a [Ledger],
+    pub inputs: &'a [FileRecord],
+    pub outputs: &'a [FileRecord],
+    /// Files not carried over (weights in another format).
+    pub not_copied: &'a [String],
+    /// The input's own `abliterate.json`, if it was itself an edit.
+    pub previous: Option<Value>,
+}
+
+pub(crate) fn build(p: ManifestParts<'_>) -> Value {
+    let mut m = Map::new();
+    m.insert("tool".into(), json!("abliterate"));
+    m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    m.insert("method".into(), json!("weight orthogonalization, method.md §6"));
+    m.insert("model".into(), json!(p.model));
+    m.insert("direction".into(), direction_json(p.direction));
+    m.insert("options".into(), options_json(p.plan));
+    m.insert("tie".into(), json!(tie_label(p.plan.tie)));
+    m.insert("tie_note".into(), json!(tie_note(p.plan.tie)));
+    m.insert(
+        "projection_definition".into(),
+        json!(
+            "proj = sqrt(sum over every column q of the writer view of (u . W[:, q])^2), u the unit vector the \
+             tensor was edited against (r, or gain-weighted for Gemma 2/3 post-norm writers); proj_after is \
+             computed from the stored (rounded) bytes; *_rel_frobenius divide by ||W||_F of the original"
+        ),
+    );
+    m.insert("edited".into(), Value::Array(p.ledger.iter().map(Ledger::to_json).collect()));
+    let plan = plan_json(p.plan);
+    for key in ["added", "excluded", "exclude_patterns", "unchanged_tensors", "unchanged_bytes"] {
+        m.insert(key.into(), plan[key].clone());
+    }
+    m.insert("inputs".into(), files(p.inputs));
+    m.insert("outputs".into(), files(p.outputs));
+    m.insert(
+        "not_copied".into(),
+        json!({
+            "files": p.not_copied,
+            "why": "weights in another format (or stale shards not in the index): they would hold the unedited model"
+        }),
+    );
+    if let Some(prev) = p.previous {
+        m.insert("previous_edit".into(), prev);
+    }
+    Value::Object(m)
+}
