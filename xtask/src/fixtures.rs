@@ -299,6 +299,38 @@ mod tests {
         assert!(total < 12_000_000, "fixtures grew to {total} bytes; keep them small");
     }
 
+    #[test]
+    fn check_reports_changed_missing_and_stale_files() {
+        let dir = std::env::temp_dir().join(format!("xtask-fixtures-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files: BTreeMap<PathBuf, Vec<u8>> = [
+            (PathBuf::from("a/config.json"), b"{}\n".to_vec()),
+            (PathBuf::from("a/model.safetensors"), vec![1, 2, 3]),
+            (PathBuf::from("b/config.json"), b"{}\n".to_vec()),
+        ]
+        .into_iter()
+        .collect();
+        for (rel, bytes) in &files {
+            std::fs::create_dir_all(dir.join(rel).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(rel), bytes).unwrap();
+        }
+        std::fs::write(dir.join("README.md"), "hand-written").unwrap();
+        assert!(compare(&dir, &files).unwrap().is_empty());
+        std::fs::write(dir.join("a/model.safetensors"), [1, 2]).unwrap();
+        std::fs::remove_file(dir.join("b/config.json")).unwrap();
+        std::fs::write(dir.join("a/old.json"), "{}").unwrap();
+        let problems = compare(&dir, &files).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            problems,
+            [
+                "a/model.safetensors: differs (2 bytes committed, 3 generated)",
+                "b/config.json: missing",
+                "a/old.json: not generated (stale)",
+            ]
+        );
+    }
+
     /// Every fixture opens as a checkpoint, every tensor has a known role, and the bf16 and f32
     /// layouts hold the same values.
     #[test]
