@@ -1,0 +1,101 @@
+//! Greedy decoding with a KV cache, batched: each prompt keeps its own cache, finished prompts drop out
+//! of later steps, and hooks run on every step's new tokens (method.md §7: with a cache, each step sees
+//! only the new token, and cached keys and values were computed from hooked residuals).
+
+use crate::batch::Batch;
+use crate::forward::{Logits, Model, RowCache};
+use crate::hooks::Hook;
+use crate::kernels::argmax;
+use crate::{ModelError, Result};
+
+/// How long to generate and when to stop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// End-of-sequence and end-of-turn ids (`generation_config.json` `eos_token_id`, single or list).
+    pub stop_tokens: Vec<u32>,
+}
+
+/// Why a prompt's generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// It produced a stop token (the last of its tokens).
+    Stop,
+    /// It reached `max_new_tokens`.
+    Length,
+}
+
+/// One prompt's continuation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// New tokens, including the stop token if there was one (as transformers' `generate` returns them).
+    pub tokens: Vec<u32>,
+    pub finish: Finish,
+}
+
+impl Model {
+    /// Greedy generation for every prompt of `batch` (argmax, the first id on ties, as `torch.argmax`).
+    /// `on_token(prompt, token)` is called for each new token as soon as it is chosen, step by step.
+    pub fn generate(
+        &self,
+        batch: &Batch,
+        opts: &GenerateOptions,
+        hook: &mut dyn Hook,
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<Vec<Generation>> {
+        let arch = self.arch();
+        if let Some(&t) = opts.stop_tokens.iter().find(|&&t| t as usize >= arch.vocab) {
+            return Err(ModelError::Batch(format!(
+                "stop token {t} is outside the vocabulary of {} ids",
+                arch.vocab
+            )));
+        }
+        if let Some(s) = batch.segments().iter().find(|s| s.pos0 != 0) {
+            return Err(ModelError::Batch(format!("prompt {} does not start at position 0", s.row)));
+        }
+        let mut out: Vec<Generation> =
+            batch.segments().iter().map(|_| Generation { tokens: Vec::new(), finish: Finish::Length }).collect();
+        if opts.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        let kv = arch.kv_width();
+        let mut cache: Vec<RowCache> =
+            batch.segments().iter().map(|s| RowCache::new(arch.layers, (s.len + opts.max_new_tokens) * kv)).collect();
+
+        let mut x = self.embed(batch)?;
+        self.run(&mut x, batch, 0, Some(&mut cache), hook)?;
+        let mut logits = self.logits(&x, batch.segments(), Logits::Last);
+        // (prompt, last token, its position) for prompts still going.
+        let mut active: Vec<(usize, u32, usize)> = Vec::new();
+        for (i, s) in batch.segments().iter().enumerate() {
+            cache[s.row].len = s.len;
+            let tok = argmax(logits.row(i)) as u32;
+            active.push((s.row, tok, s.len));
+        }
+        loop {
+            let mut next = Vec::with_capacity(active.len());
+            for &(row, tok, pos) in &active {
+                let g = &mut out[row];
+                g.tokens.push(tok);
+                on_token(row, tok);
+                if opts.stop_tokens.contains(&tok) {
+                    g.finish = Finish::Stop;
+                } else if g.tokens.len() < opts.max_new_tokens {
+                    next.push((row, tok, pos));
+                }
+            }
+            if next.is_empty() {
+                return Ok(out);
+            }
+            let step = Batch::step(&next);
+            let mut x = self.embed(&step)?;
+            self.run(&mut x, &step, 0, Some(&mut cache), hook)?;
+            logits = self.logits(&x, step.segments(), Logits::Last);
+            active.clear();
+            for (i, &(row, _, pos)) in next.iter().enumerate() {
+                cache[row].len = pos + 1;
+                active.push((row, argmax(logits.row(i)) as u32, pos + 1));
+            }
+        }
+    }
+}
