@@ -149,7 +149,7 @@ impl Arch {
             (None, Family::Qwen3) => 128,
             (None, _) => config.head_dim,
         };
-        if config.num_attention_heads % config.num_key_value_heads != 0 {
+        if !config.num_attention_heads.is_multiple_of(config.num_key_value_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 config.num_attention_heads, config.num_key_value_heads
@@ -312,7 +312,7 @@ impl Arch {
             return Err(bad(format!("`partial_rotary_factor` {partial} must be in (0, 1]")));
         }
         let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(bad(format!("rotary dimension {rotary_dim} (head_dim x partial_rotary_factor) must be even")));
         }
         let theta_default = match family {
@@ -322,14 +322,7 @@ impl Arch {
         };
         let theta = f64_or("rope_theta", theta_default)?;
         let original_max = opt_usize("original_max_position_embeddings")?;
-        let global = RopeSpec::parse(
-            raw.get("rope_scaling"),
-            theta,
-            rotary_dim,
-            max_pos,
-            original_max,
-            config_path,
-        )?;
+        let global = RopeSpec::parse(raw.get("rope_scaling"), theta, rotary_dim, max_pos, original_max, config_path)?;
         let mut ropes = vec![global];
         let mut rope_of_sliding = 0;
         if family == Family::Gemma3 {

@@ -72,7 +72,7 @@ impl Batch {
                 return Err(ModelError::Batch(format!("attention mask value {bad} in row {r}; expected 0 or 1")));
             }
             let first = m.iter().position(|&v| v == 1).unwrap_or(cols);
-            if m[first..].iter().any(|&v| v == 0) {
+            if m[first..].contains(&0) {
                 return Err(ModelError::Batch(format!(
                     "row {r} of the attention mask is not left padding (a 0 follows a 1)"
                 )));
@@ -85,11 +85,8 @@ impl Batch {
     /// A generation step: one new token per continued prompt, at the given position.
     pub(crate) fn step(rows: &[(usize, u32, usize)]) -> Batch {
         let tokens = rows.iter().map(|r| r.1).collect();
-        let segments = rows
-            .iter()
-            .enumerate()
-            .map(|(i, &(row, _, pos))| Segment { row, start: i, len: 1, pos0: pos })
-            .collect();
+        let segments =
+            rows.iter().enumerate().map(|(i, &(row, _, pos))| Segment { row, start: i, len: 1, pos0: pos }).collect();
         Batch { tokens, segments }
     }
 
@@ -140,6 +137,9 @@ mod tests {
             "row 0 of the attention mask is not left padding (a 0 follows a 1)"
         );
         assert_eq!(e(Batch::from_padded(&[1, 2], &[0, 0], 1, 2)), "prompt 0 has no tokens");
-        assert_eq!(e(Batch::from_padded(&[1], &[1], 1, 2)), "a padded batch of 1 x 2 needs 2 ids and mask values, got 1 and 1");
+        assert_eq!(
+            e(Batch::from_padded(&[1], &[1], 1, 2)),
+            "a padded batch of 1 x 2 needs 2 ids and mask values, got 1 and 1"
+        );
     }
 }

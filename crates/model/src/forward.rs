@@ -119,7 +119,12 @@ impl Model {
         for seg in batch.segments() {
             for (i, &t) in batch.tokens()[seg.range()].iter().enumerate() {
                 if t as usize >= self.arch.vocab {
-                    return Err(ModelError::Token { row: seg.row, position: seg.pos0 + i, token: t, vocab: self.arch.vocab });
+                    return Err(ModelError::Token {
+                        row: seg.row,
+                        position: seg.pos0 + i,
+                        token: t,
+                        vocab: self.arch.vocab,
+                    });
                 }
             }
         }

@@ -45,10 +45,7 @@ impl Model {
     ) -> Result<Vec<Generation>> {
         let arch = self.arch();
         if let Some(&t) = opts.stop_tokens.iter().find(|&&t| t as usize >= arch.vocab) {
-            return Err(ModelError::Batch(format!(
-                "stop token {t} is outside the vocabulary of {} ids",
-                arch.vocab
-            )));
+            return Err(ModelError::Batch(format!("stop token {t} is outside the vocabulary of {} ids", arch.vocab)));
         }
         if let Some(s) = batch.segments().iter().find(|s| s.pos0 != 0) {
             return Err(ModelError::Batch(format!("prompt {} does not start at position 0", s.row)));

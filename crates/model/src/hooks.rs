@@ -116,7 +116,10 @@ impl Interventions {
 
     fn check(&self, layer: usize, v: &[f64], what: &str) -> Result<()> {
         if layer >= self.ops.len() {
-            return Err(ModelError::Hook(format!("{what} at layer {layer}, but the model has {} layers", self.ops.len())));
+            return Err(ModelError::Hook(format!(
+                "{what} at layer {layer}, but the model has {} layers",
+                self.ops.len()
+            )));
         }
         if v.len() != self.hidden {
             return Err(ModelError::Hook(format!(
@@ -312,12 +315,18 @@ mod tests {
     fn interventions_check_their_inputs() {
         let mut i = Interventions::new(2, 3);
         let e = |r: Result<&mut Interventions>| r.err().unwrap().to_string();
-        assert_eq!(e(i.project(2, Site::Input, &[1.0; 3], 1.0)), "directional ablation at layer 2, but the model has 2 layers");
+        assert_eq!(
+            e(i.project(2, Site::Input, &[1.0; 3], 1.0)),
+            "directional ablation at layer 2, but the model has 2 layers"
+        );
         assert_eq!(
             e(i.add(0, Site::Input, &[1.0; 2], 1.0)),
             "activation addition: the vector has length 2 but the model's hidden size is 3"
         );
-        assert_eq!(e(i.project(0, Site::Mlp, &[f64::NAN; 3], 1.0)), "directional ablation: the vector has a NaN or infinite value");
+        assert_eq!(
+            e(i.project(0, Site::Mlp, &[f64::NAN; 3], 1.0)),
+            "directional ablation: the vector has a NaN or infinite value"
+        );
         assert!(i.is_empty());
     }
 

@@ -126,7 +126,8 @@ fn activate(a: Activation, x: f32) -> f32 {
         Activation::Silu => x / (1.0 + (-x).exp()),
         Activation::Gelu => (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
         Activation::GeluTanh => {
-            const K: f32 = 0.797_884_56; // sqrt(2/pi)
+            // torch's kBeta = M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi), formed in double.
+            const K: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
             let cube = x * x * x;
             let inner = K * (x + 0.044715 * cube);
             0.5 * x * (1.0 + inner.tanh())

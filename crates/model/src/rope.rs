@@ -199,7 +199,7 @@ impl RopeSpec {
                     .map(|&f| {
                         let wavelen = two_pi / f;
                         let scaled = if wavelen > low_wavelen { f / factor32 } else { f };
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                         if medium {
                             let smooth = (*original_max as f32 / wavelen - *low_freq_factor as f32)
                                 / (*high_freq_factor as f32 - *low_freq_factor as f32);
@@ -213,9 +213,8 @@ impl RopeSpec {
             Scaling::Yarn { factor, beta_fast, beta_slow, original_max, truncate } => {
                 let pos = self.pos_freqs(self.theta);
                 let d = self.dim as f64;
-                let correction_dim = |rot: f64| {
-                    (d * (original_max / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * self.theta.ln())
-                };
+                let correction_dim =
+                    |rot: f64| (d * (original_max / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * self.theta.ln());
                 let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
                 if *truncate {
                     low = low.floor();

@@ -125,7 +125,11 @@ impl Loader<'_> {
         let mut b = bias.then(|| vec![0f32; out]);
         let mut row = 0;
         for (name, rows) in parts {
-            self.read_into(&self.full(&format!("{name}.weight")), &[*rows, inp], &mut w[row * inp..(row + rows) * inp])?;
+            self.read_into(
+                &self.full(&format!("{name}.weight")),
+                &[*rows, inp],
+                &mut w[row * inp..(row + rows) * inp],
+            )?;
             if let Some(b) = &mut b {
                 self.read_into(&self.full(&format!("{name}.bias")), &[*rows], &mut b[row..row + rows])?;
             }
@@ -140,22 +144,18 @@ impl Loader<'_> {
 
     /// A gated MLP stored as separate gate/up/down projections.
     fn mlp(&self, gate: &str, up: &str, down: &str, d: usize, ff: usize, bias: bool) -> Result<Mlp> {
-        Ok(Mlp {
-            gate_up: self.stacked(&[(gate, ff), (up, ff)], d, bias)?,
-            down: self.linear(down, d, ff, bias)?,
-            ff,
-        })
+        Ok(Mlp { gate_up: self.stacked(&[(gate, ff), (up, ff)], d, bias)?, down: self.linear(down, d, ff, bias)?, ff })
     }
 }
 
 impl Weights {
     pub fn load(ckpt: &Checkpoint, arch: &Arch) -> Result<Weights> {
-        let prefix = PREFIXES
-            .iter()
-            .find(|p| ckpt.get(&format!("{p}embed_tokens.weight")).is_some())
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: "model.embed_tokens.weight".into(),
-                why: "every supported family has a token embedding".into(),
+        let prefix =
+            PREFIXES.iter().find(|p| ckpt.get(&format!("{p}embed_tokens.weight")).is_some()).ok_or_else(|| {
+                ModelError::MissingTensor {
+                    name: "model.embed_tokens.weight".into(),
+                    why: "every supported family has a token embedding".into(),
+                }
             })?;
         let ld = Loader { ckpt, prefix, family: arch.family };
         let d = arch.hidden;
@@ -270,7 +270,14 @@ fn load_moe(ld: &Loader<'_>, arch: &Arch, i: usize) -> Result<MoeBlock> {
     }
     let shared = match m.shared_ff {
         Some(ff) => Some((
-            ld.mlp(&p("shared_expert.gate_proj"), &p("shared_expert.up_proj"), &p("shared_expert.down_proj"), d, ff, false)?,
+            ld.mlp(
+                &p("shared_expert.gate_proj"),
+                &p("shared_expert.up_proj"),
+                &p("shared_expert.down_proj"),
+                d,
+                ff,
+                false,
+            )?,
             ld.linear(&p("shared_expert_gate"), 1, d, false)?,
         )),
         None => None,

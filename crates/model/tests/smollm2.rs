@@ -92,7 +92,11 @@ fn greedy_completions_match_transformers_for_10_chat_prompts() {
 }
 
 /// Captures the residual entering every layer and after the last, for the last 6 positions.
-fn residuals(f: &Fixture, prompts: &[Vec<u32>], interventions: Option<&mut Interventions>) -> (Vec<Vec<f32>>, Vec<f32>) {
+fn residuals(
+    f: &Fixture,
+    prompts: &[Vec<u32>],
+    interventions: Option<&mut Interventions>,
+) -> (Vec<Vec<f32>>, Vec<f32>) {
     let layers = f.model.arch().layers;
     let sites =
         (0..layers).map(|layer| At { layer, site: Site::Input }).chain([At { layer: layers - 1, site: Site::Output }]);

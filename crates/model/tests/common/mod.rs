@@ -27,6 +27,13 @@ impl Reference {
                     let v = raw.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
                     i32s.insert(t.name.clone(), (t.shape.clone(), v));
                 }
+                Dtype::I64 => {
+                    let v = raw
+                        .chunks_exact(8)
+                        .map(|c| i32::try_from(i64::from_le_bytes(c.try_into().unwrap())).expect("ids fit in i32"))
+                        .collect();
+                    i32s.insert(t.name.clone(), (t.shape.clone(), v));
+                }
                 d if d.is_float() => {
                     let mut v = vec![0f32; t.numel()];
                     dtype::decode_f32(d, raw, &mut v);
@@ -49,6 +56,7 @@ impl Reference {
         (s, v)
     }
 
+    /// An integer tensor (I32, or I64 narrowed).
     pub fn i32(&self, name: &str) -> (&[usize], &[i32]) {
         let (s, v) = self.i32s.get(name).unwrap_or_else(|| panic!("no i32 tensor `{name}`"));
         (s, v)
@@ -74,4 +82,9 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 pub fn max_abs(a: &[f32]) -> f32 {
     a.iter().map(|x| x.abs()).fold(0.0, f32::max)
+}
+
+/// Integer ids as token ids.
+pub fn ids(v: &[i32]) -> Vec<u32> {
+    v.iter().map(|&t| u32::try_from(t).expect("non-negative ids")).collect()
 }
