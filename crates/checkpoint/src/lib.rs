@@ -30,12 +30,14 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Everything that can be wrong with a model directory. Each message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`{}`: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // The cause is part of the message, so it is not also a `source()`: the CLI prints the chain
+    // with `{:#}` and would repeat it (a regression found by the bad-checkpoint tests).
+    #[error("`{}`: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("`{}` not found: MODEL must be a Hugging Face model directory with a config.json", path.display())]
     NoConfig { path: PathBuf },
-    #[error("`{}`: {source}", path.display())]
-    Config { path: PathBuf, source: ConfigError },
+    #[error("`{}`: {cause}", path.display())]
+    Config { path: PathBuf, cause: ConfigError },
     #[error("`{}` has no model.safetensors or model.safetensors.index.json", dir.display())]
     NoWeights { dir: PathBuf },
     #[error(
@@ -75,7 +77,7 @@ pub struct Shard {
 impl Shard {
     /// Opens and validates one safetensors file.
     pub fn open(path: &Path, file_name: &str) -> Result<Shard> {
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let io = |cause| Error::Io { path: path.to_path_buf(), cause };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let herr = |problem| Error::Header { file: file_name.to_string(), problem: Box::new(problem) };
@@ -146,11 +148,11 @@ impl Checkpoint {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NoConfig { path: config_path });
             }
-            Err(source) => {
-                return Err(Error::Io { path: config_path, source });
+            Err(cause) => {
+                return Err(Error::Io { path: config_path, cause });
             }
         };
-        let config = Config::parse(&text).map_err(|source| Error::Config { path: config_path, source })?;
+        let config = Config::parse(&text).map_err(|cause| Error::Config { path: config_path, cause })?;
 
         let (file_names, index) = if dir.join(SINGLE_FILE).is_file() {
             (vec![SINGLE_FILE.to_string()], None)
@@ -311,7 +313,7 @@ impl Checkpoint {
         if !self.config.tie_word_embeddings && !self.has_lm_head() {
             return Err(Error::Config {
                 path: self.dir.join("config.json"),
-                source: ConfigError::BadField {
+                cause: ConfigError::BadField {
                     field: "tie_word_embeddings (false, but no lm_head.weight is stored)".into(),
                 },
             });
@@ -350,13 +352,12 @@ impl Checkpoint {
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
             let abs = self.dir.join(&rel);
-            let rd = std::fs::read_dir(&abs).map_err(|source| Error::Io { path: abs.clone(), source })?;
+            let rd = std::fs::read_dir(&abs).map_err(|cause| Error::Io { path: abs.clone(), cause })?;
             for entry in rd {
-                let entry = entry.map_err(|source| Error::Io { path: abs.clone(), source })?;
+                let entry = entry.map_err(|cause| Error::Io { path: abs.clone(), cause })?;
                 let rel_child = rel.join(entry.file_name());
                 // Follow symlinks (a Hugging Face cache snapshot is all symlinks).
-                let meta =
-                    std::fs::metadata(entry.path()).map_err(|source| Error::Io { path: entry.path(), source })?;
+                let meta = std::fs::metadata(entry.path()).map_err(|cause| Error::Io { path: entry.path(), cause })?;
                 if meta.is_dir() {
                     stack.push(rel_child);
                 } else if meta.is_file() {
@@ -378,7 +379,7 @@ impl Checkpoint {
 /// Reads and checks `model.safetensors.index.json`; returns the shard file names (sorted, unique).
 fn read_index(dir: &Path) -> Result<(Vec<String>, Map<String, Value>)> {
     let path = dir.join(INDEX_FILE);
-    let text = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let text = std::fs::read(&path).map_err(|cause| Error::Io { path: path.clone(), cause })?;
     let bad = |problem: String| Error::Index { problem };
     let value: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let Value::Object(index) = value else {

@@ -26,8 +26,9 @@ pub use sketch::{MAX_EXACT_RANK, SKETCH, SliceRank};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`{}`: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // The cause is in the message, so it is not also a `source()` (the CLI prints chains).
+    #[error("`{}`: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("the direction has length {len} but B's hidden_size is {hidden}")]
     DirectionLength { len: usize, hidden: usize },
     #[error(
@@ -496,8 +497,8 @@ fn file_changes(a: &Checkpoint, b: &Checkpoint) -> Result<FileChanges> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |e: checkpoint::Error| match e {
-            checkpoint::Error::Io { path, source } => Error::Io { path, source },
-            other => Error::Io { path: path.clone(), source: std::io::Error::other(other.to_string()) },
+            checkpoint::Error::Io { path, cause } => Error::Io { path, cause },
+            other => Error::Io { path: path.clone(), cause: std::io::Error::other(other.to_string()) },
         }
     };
     let names = |c: &Checkpoint| -> Result<BTreeMap<String, PathBuf>> {
@@ -523,18 +524,17 @@ fn file_changes(a: &Checkpoint, b: &Checkpoint) -> Result<FileChanges> {
 
 /// Streams two files and compares them (a model directory may hold very large extra files).
 fn same_bytes(x: &Path, y: &Path) -> Result<bool> {
-    let open = |p: &Path| File::open(p).map_err(|source| Error::Io { path: p.to_path_buf(), source });
+    let open = |p: &Path| File::open(p).map_err(|cause| Error::Io { path: p.to_path_buf(), cause });
     let (mut fx, mut fy) = (open(x)?, open(y)?);
-    let len = |f: &File, p: &Path| {
-        f.metadata().map(|m| m.len()).map_err(|source| Error::Io { path: p.to_path_buf(), source })
-    };
+    let len =
+        |f: &File, p: &Path| f.metadata().map(|m| m.len()).map_err(|cause| Error::Io { path: p.to_path_buf(), cause });
     if len(&fx, x)? != len(&fy, y)? {
         return Ok(false);
     }
     let (mut bx, mut by) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
     loop {
-        let n = read_full(&mut fx, &mut bx).map_err(|source| Error::Io { path: x.to_path_buf(), source })?;
-        let m = read_full(&mut fy, &mut by).map_err(|source| Error::Io { path: y.to_path_buf(), source })?;
+        let n = read_full(&mut fx, &mut bx).map_err(|cause| Error::Io { path: x.to_path_buf(), cause })?;
+        let m = read_full(&mut fy, &mut by).map_err(|cause| Error::Io { path: y.to_path_buf(), cause })?;
         if n != m || bx[..n] != by[..m] {
             return Ok(false);
         }
