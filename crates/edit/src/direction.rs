@@ -28,8 +28,9 @@ pub struct Direction {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectionError {
-    #[error("direction file `{}`: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // Not a `source` field: the message already says it, and `{:#}` would print it twice.
+    #[error("direction file `{}`: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("direction file `{}`: {problem}", path.display())]
     Invalid { path: PathBuf, problem: String },
 }
@@ -37,7 +38,7 @@ pub enum DirectionError {
 impl Direction {
     /// Reads and validates a direction file for a model with `hidden_size`.
     pub fn load(path: &Path, hidden_size: usize) -> Result<Direction, DirectionError> {
-        let bytes = std::fs::read(path).map_err(|source| DirectionError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|cause| DirectionError::Io { path: path.to_path_buf(), cause })?;
         let bad = |problem: String| DirectionError::Invalid { path: path.to_path_buf(), problem };
         let header = safetensors::parse(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let t = header.tensors.iter().find(|t| t.name == TENSOR).ok_or_else(|| {

@@ -47,16 +47,17 @@ pub enum Error {
     OutputContainsInput { out: PathBuf, input: PathBuf },
     #[error("output `{}` already exists; choose another -o, or pass --force to replace it once the edit has succeeded", out.display())]
     OutputExists { out: PathBuf },
-    #[error("cannot write the output: `{}` is not writable ({source})", dir.display())]
-    NotWritable { dir: PathBuf, source: std::io::Error },
+    #[error("cannot write the output: `{}` is not writable ({cause})", dir.display())]
+    NotWritable { dir: PathBuf, cause: std::io::Error },
     #[error(
         "disk full while writing `{file}` (the edited model needs {} in `{}`); nothing was left behind: \
          the temporary output was removed. Free some space or choose another -o",
         human_bytes(*need), dir.display()
     )]
     DiskFull { dir: PathBuf, file: String, need: u64 },
-    #[error("`{}`: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // Not a `source` field: the message already says it, and `{:#}` would print it twice.
+    #[error("`{}`: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

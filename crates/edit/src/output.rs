@@ -28,7 +28,7 @@ impl OutputTarget {
     pub fn check(model_dir: &Path, inputs: &[PathBuf], out: &Path, force: bool) -> Result<OutputTarget> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| Error::Io { path, source }
+            move |cause| Error::Io { path, cause }
         };
         let model = model_dir.canonicalize().map_err(io(model_dir))?;
         let resolved = resolve(out).map_err(io(out))?;
@@ -70,9 +70,9 @@ impl OutputTarget {
         let parent = self.parent();
         let not_writable = |source: io::Error| {
             if is_permission(&source) {
-                Error::NotWritable { dir: parent.clone(), source }
+                Error::NotWritable { dir: parent.clone(), cause: source }
             } else {
-                Error::Io { path: parent.clone(), source }
+                Error::Io { path: parent.clone(), cause: source }
             }
         };
         std::fs::create_dir_all(&parent).map_err(not_writable)?;
@@ -82,7 +82,7 @@ impl OutputTarget {
         let path = parent.join(name);
         if std::fs::symlink_metadata(&path).is_ok() {
             // Left by a killed run with our pid (pids are reused): it is ours to replace.
-            std::fs::remove_dir_all(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            std::fs::remove_dir_all(&path).map_err(|source| Error::Io { path: path.clone(), cause: source })?;
         }
         std::fs::create_dir(&path).map_err(not_writable)?;
         Ok(TempDir { path: Some(path) })
@@ -95,7 +95,7 @@ impl OutputTarget {
         let tmp = temp.path().to_path_buf();
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| Error::Io { path, source }
+            move |cause| Error::Io { path, cause }
         };
         sync_dir(&tmp).map_err(io(&tmp))?;
         if std::fs::symlink_metadata(&self.out).is_ok() {
@@ -106,7 +106,7 @@ impl OutputTarget {
             std::fs::rename(&self.out, &old).map_err(io(&self.out))?;
             if let Err(source) = std::fs::rename(&tmp, &self.out) {
                 let _ = std::fs::rename(&old, &self.out);
-                return Err(Error::Io { path: self.out.clone(), source });
+                return Err(Error::Io { path: self.out.clone(), cause: source });
             }
             temp.path = None;
             let meta = std::fs::symlink_metadata(&old).map_err(io(&old))?;

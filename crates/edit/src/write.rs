@@ -126,12 +126,12 @@ impl Ctx<'_> {
         if full {
             Error::DiskFull { dir: self.target.out.clone(), file: rel.to_string(), need: self.need }
         } else {
-            Error::Io { path: self.target.out.join(rel), source: e }
+            Error::Io { path: self.target.out.join(rel), cause: e }
         }
     }
 
     fn read_error(&self, shard: usize, e: io::Error) -> Error {
-        Error::Io { path: self.ckpt.shards[shard].path.clone(), source: e }
+        Error::Io { path: self.ckpt.shards[shard].path.clone(), cause: e }
     }
 
     /// Writes a small file whole.
@@ -146,7 +146,7 @@ impl Ctx<'_> {
     /// Copies a file of the model directory.
     fn copy_file(&self, rel: &str) -> Result<FileRecord> {
         let src = self.ckpt.dir.join(rel);
-        let mut input = File::open(&src).map_err(|source| Error::Io { path: src.clone(), source })?;
+        let mut input = File::open(&src).map_err(|source| Error::Io { path: src.clone(), cause: source })?;
         let dst = self.temp.join(rel);
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent).map_err(|e| self.write_error(rel, e))?;
@@ -154,7 +154,7 @@ impl Ctx<'_> {
         let mut w = HashingFile::new((self.create)(&dst).map_err(|e| self.write_error(rel, e))?);
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = input.read(&mut buf).map_err(|source| Error::Io { path: src.clone(), source })?;
+            let n = input.read(&mut buf).map_err(|source| Error::Io { path: src.clone(), cause: source })?;
             if n == 0 {
                 break;
             }
@@ -427,7 +427,7 @@ fn hash_inputs(files: &[(String, PathBuf)], cancel: &AtomicBool) -> Result<Vec<F
     let mut out = Vec::with_capacity(files.len());
     let mut buf = vec![0u8; 4 << 20];
     for (rel, path) in files {
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io { path: path.clone(), cause: source };
         let mut f = File::open(path).map_err(io)?;
         let mut h = Sha256::new();
         let mut len = 0u64;
@@ -527,7 +527,7 @@ pub(crate) fn write_with(
     let inputs = ckpt
         .shards
         .iter()
-        .map(|s| File::open(&s.path).map_err(|source| Error::Io { path: s.path.clone(), source }))
+        .map(|s| File::open(&s.path).map_err(|source| Error::Io { path: s.path.clone(), cause: source }))
         .collect::<Result<Vec<_>>>()?;
     let temp = target.create_temp()?;
     let ctx = Ctx { ckpt, plan, units, inputs, create, progress, target: &target, temp: temp.path(), need };
