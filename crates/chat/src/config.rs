@@ -175,7 +175,10 @@ impl TokenizerConfig {
             None | Some(Value::Null) => None,
             Some(v @ (Value::String(_) | Value::Array(_))) => Some(v.clone()),
             Some(_) => {
-                return Err(invalid(&path, "`chat_template` must be a string or a list of {name, template}".to_string()));
+                return Err(invalid(
+                    &path,
+                    "`chat_template` must be a string or a list of {name, template}".to_string(),
+                ));
             }
         };
         Ok(TokenizerConfig {

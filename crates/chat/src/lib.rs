@@ -169,14 +169,7 @@ impl Chat {
             return Err(Error::NoEos { dir: dir.to_path_buf() });
         };
         let pad_id = id_of(&special.pad_token).or_else(|| id_of(&special.eos_token)).unwrap_or(first_eos);
-        Ok(Chat {
-            clean_up_spaces: config.clean_up_tokenization_spaces,
-            tokenizer,
-            template,
-            special,
-            eos_ids,
-            pad_id,
-        })
+        Ok(Chat { clean_up_spaces: config.clean_up_tokenization_spaces, tokenizer, template, special, eos_ids, pad_id })
     }
 
     /// Renders a conversation as text.

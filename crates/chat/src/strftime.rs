@@ -130,7 +130,10 @@ mod tests {
         // 2024-07-26 13:05:09 UTC, a Friday, day 208 of a leap year.
         let t = 1_721_999_109;
         assert_eq!(strftime("%d %b %Y", t).unwrap(), "26 Jul 2024");
-        assert_eq!(strftime("%A %B %-d, %y %H:%M:%S %I%p %j %w %u %%", t).unwrap(), "Friday July 26, 24 13:05:09 01PM 208 5 5 %");
+        assert_eq!(
+            strftime("%A %B %-d, %y %H:%M:%S %I%p %j %w %u %%", t).unwrap(),
+            "Friday July 26, 24 13:05:09 01PM 208 5 5 %"
+        );
         assert_eq!(strftime("%Y-%m-%d %a", 0).unwrap(), "1970-01-01 Thu");
         // Leap day and the end of a leap year.
         assert_eq!(strftime("%Y-%m-%d %j", 951_782_400).unwrap(), "2000-02-29 060");

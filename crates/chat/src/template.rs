@@ -120,8 +120,9 @@ impl Template {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(Raised(message)))
         });
         env.add_function("strftime_now", move |format: String| {
-            crate::strftime::strftime(&format, clock.now())
-                .map_err(|problem| minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {problem}")))
+            crate::strftime::strftime(&format, clock.now()).map_err(|problem| {
+                minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {problem}"))
+            })
         });
         let origin = origin.to_string();
         env.add_template_owned(NAME, rewrite_generation_tags(source)).map_err(|e| Error::TemplateSyntax {
@@ -142,7 +143,12 @@ impl Template {
     pub fn render(&self, messages: &[Message], special: &SpecialTokens, ending: Ending) -> Result<String> {
         let messages: Vec<Value> = messages
             .iter()
-            .map(|m| Value::from_pairs([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
+            .map(|m| {
+                Value::from_pairs([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ])
+            })
             .collect();
         let mut ctx: Vec<(&str, Value)> = Vec::new();
         for (name, token) in special.named() {

@@ -53,8 +53,11 @@ fn every_template_renders_as_transformers_does() {
         let template = Template::new(&source, file, Clock::Fixed(FIXED_NOW)).unwrap();
         for case in entry["cases"].as_array().unwrap() {
             let name = case["conversation"].as_str().unwrap();
-            let ending =
-                if case["add_generation_prompt"].as_bool().unwrap() { Ending::GenerationPrompt } else { Ending::LastMessage };
+            let ending = if case["add_generation_prompt"].as_bool().unwrap() {
+                Ending::GenerationPrompt
+            } else {
+                Ending::LastMessage
+            };
             let got = template.render(&messages(&conversations[name]), &special, ending);
             let ok = match (&got, case.get("text"), case.get("error")) {
                 (Ok(text), Some(want), _) => text == want.as_str().unwrap(),
