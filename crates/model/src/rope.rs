@@ -167,8 +167,9 @@ impl RopeSpec {
         (0..self.dim / 2)
             .map(|i| {
                 let e = (2 * i) as f32 / self.dim as f32;
-                // torch's powf on f32 operands; the correctly rounded value agrees with it to within an ulp.
-                (base32 as f64).powf(e as f64) as f32
+                // torch raises the f32 base to f32 exponents; its vectorised pow can differ from the
+                // platform powf by an ulp (seen once: dynamic scaling's non-integer base).
+                base32.powf(e)
             })
             .collect()
     }
@@ -314,6 +315,64 @@ mod tests {
         assert_eq!(r.inv_freq(4096), RopeSpec::default_rope(10000.0, 4).inv_freq(1));
         assert_eq!(r.inv_freq(4097)[1], r.inv_freq(1)[1] / 4.0);
         assert!((r.attention_scaling - (1.0 + 2f64.ln() / 4096f64.ln()).sqrt()).abs() < 1e-15);
+    }
+
+    /// Every scaling type against transformers 4.57.1 (`tests/data/rope.json`, made by `make_rope.py`):
+    /// inverse frequencies, attention factor, and cos/sin at several positions.
+    #[test]
+    fn every_scaling_type_matches_transformers() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/rope.json");
+        let data: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let nums = |v: &Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+        let cases = data["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 10);
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let c = &case["config"];
+            let head_dim = c
+                .get("head_dim")
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| c["hidden_size"].as_u64().unwrap() / c["num_attention_heads"].as_u64().unwrap())
+                as usize;
+            let dim =
+                (head_dim as f64 * c.get("partial_rotary_factor").and_then(Value::as_f64).unwrap_or(1.0)) as usize;
+            let spec = RopeSpec::parse(
+                c.get("rope_scaling"),
+                c["rope_theta"].as_f64().unwrap(),
+                dim,
+                c["max_position_embeddings"].as_u64().unwrap() as usize,
+                c.get("original_max_position_embeddings").and_then(Value::as_u64).map(|v| v as usize),
+                Path::new("config.json"),
+            )
+            .unwrap();
+            let seq_len = case["seq_len"].as_u64().unwrap() as usize;
+            let inv = spec.inv_freq(seq_len);
+            let want = nums(&case["inv_freq"]);
+            for (i, (g, w)) in inv.iter().zip(&want).enumerate() {
+                let ulps = (g.to_bits() as i64 - (*w as f32).to_bits() as i64).abs();
+                assert!(ulps <= 1, "{name}: inv_freq[{i}] {g} vs {w}");
+            }
+            assert_eq!(inv.len(), want.len(), "{name}");
+            assert!((spec.attention_scaling - case["attention_scaling"].as_f64().unwrap()).abs() < 1e-15, "{name}");
+            let half = dim / 2;
+            let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+            for (k, p) in case["positions"].as_array().unwrap().iter().enumerate() {
+                spec.cos_sin(&inv, p.as_u64().unwrap() as usize, &mut cos, &mut sin);
+                for (got, key) in [(&cos, "cos"), (&sin, "sin")] {
+                    let want = nums(&case[key][k]);
+                    assert_eq!(want.len(), dim, "{name}: both halves stored");
+                    for i in 0..half {
+                        assert_eq!(want[i], want[i + half], "{name}: the halves repeat");
+                        let d = (got[i] as f64 - want[i]).abs();
+                        // torch's vectorised cos/sin and pow are within an ulp; a one-ulp inv_freq moves
+                        // the angle by up to an ulp of the angle.
+                        let angle = (inv[i] * p.as_u64().unwrap() as f32) as f64;
+                        let allowed = 3e-7 + angle * f32::EPSILON as f64;
+                        assert!(d <= allowed, "{name}: {key}[{i}] at position {p}: {} vs {}", got[i], want[i]);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
