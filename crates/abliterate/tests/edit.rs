@@ -83,43 +83,6 @@ fn ok(r: &Run) {
     assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
 }
 
-/// Asserts that `out` holds exactly the input's tensors at the same offsets, that every byte
-/// outside the edited tensors is identical (gaps and trailing bytes included), and returns the
-/// names whose bytes changed.
-fn compare_shards(model: &Path, out: &Path) -> Vec<String> {
-    let a = Checkpoint::open(model).unwrap();
-    let b = Checkpoint::open(out).unwrap();
-    assert_eq!(a.shards.len(), b.shards.len());
-    let mut changed = Vec::new();
-    for (sa, sb) in a.shards.iter().zip(&b.shards) {
-        assert_eq!(sa.file_name, sb.file_name);
-        let ta = &sa.header.tensors;
-        assert_eq!(&sb.header.tensors[..ta.len()], &ta[..], "same names, order, dtypes, shapes and offsets");
-        let (da, db) = (&sa.bytes()[sa.header.data_start()..], &sb.bytes()[sb.header.data_start()..]);
-        assert!(db.len() >= da.len());
-        let mut covered = vec![false; da.len()];
-        for t in ta {
-            if da[t.begin..t.end] != db[t.begin..t.end] {
-                changed.push(t.name.clone());
-                covered[t.begin..t.end].iter_mut().for_each(|c| *c = true);
-            }
-        }
-        for (k, c) in covered.iter().enumerate() {
-            if !c {
-                assert_eq!(da[k], db[k], "byte {k} of `{}` outside the edited tensors", sa.file_name);
-            }
-        }
-        let meta = sb.metadata().unwrap();
-        for (k, v) in sa.metadata().into_iter().flatten() {
-            assert_eq!(meta.get(k), Some(v), "input metadata `{k}` is kept");
-        }
-        assert_eq!(meta["abliterate_version"], env!("CARGO_PKG_VERSION"));
-        assert_eq!(meta["abliterate_direction_sha256"].as_str().unwrap().len(), 64);
-    }
-    changed.sort();
-    changed
-}
-
 fn embedding_bytes(model: &Path) -> Vec<u8> {
     let c = Checkpoint::open(model).unwrap();
     let (r, _) = c.get("model.embed_tokens.weight").unwrap();
@@ -135,7 +98,7 @@ fn edits_a_tied_llama_and_keeps_every_other_byte() {
     assert!(r.stdout.starts_with(&format!("edited `{}` into `{}` in ", t.model.display(), out.display())));
     assert!(r.stdout.contains("rewrote 5 tensors (1 embedding, 2 attn_out, 2 mlp_down)"), "{}", r.stdout);
 
-    let changed = compare_shards(&t.model, &out);
+    let changed = synth::assert_same_layout(&t.model, &out);
     assert_eq!(
         changed,
         [
@@ -225,7 +188,7 @@ fn sharded_untie_appends_lm_head_to_the_embedding_shard_and_updates_the_index() 
     let t = Setup::new(|p| synth::llama_sharded(p, Dtype::F32, true, 3));
     let out = t.out("out");
     ok(&t.edit(&out, &[]));
-    assert_eq!(compare_shards(&t.model, &out).len(), 5);
+    assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5);
     let index: Value =
         serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
     let orig: Value =
@@ -256,7 +219,7 @@ fn keep_tie_leaves_the_tie_and_says_the_unembedding_changes() {
     assert!(edited.tied() && edited.get("lm_head.weight").is_none());
     assert_eq!(std::fs::read(out.join("config.json")).unwrap(), std::fs::read(t.model.join("config.json")).unwrap());
     assert_eq!(manifest(&out)["tie"], "kept_tie");
-    assert_eq!(compare_shards(&t.model, &out).len(), 5);
+    assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5);
 }
 
 #[test]
@@ -264,7 +227,7 @@ fn an_untied_model_gets_no_extra_head() {
     let t = Setup::new(|p| synth::llama(p, Dtype::BF16, false));
     let out = t.out("out");
     ok(&t.edit(&out, &[]));
-    assert_eq!(compare_shards(&t.model, &out).len(), 5);
+    assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5);
     let a = Checkpoint::open(&t.model).unwrap();
     let b = Checkpoint::open(&out).unwrap();
     assert_eq!(a.tensors().count(), b.tensors().count(), "nothing added");
@@ -278,7 +241,7 @@ fn skip_embeddings_layers_exclude_and_scale_select_what_is_edited() {
     // --skip-embeddings on a tied model: the head is unchanged, so the tie stays.
     let out = t.out("skip");
     ok(&t.edit(&out, &["--skip-embeddings"]));
-    let changed = compare_shards(&t.model, &out);
+    let changed = synth::assert_same_layout(&t.model, &out);
     assert_eq!(changed.len(), 4);
     assert!(!changed.iter().any(|n| n.contains("embed")));
     assert!(Checkpoint::open(&out).unwrap().tied());
@@ -288,7 +251,7 @@ fn skip_embeddings_layers_exclude_and_scale_select_what_is_edited() {
     let out = t.out("layers");
     ok(&t.edit(&out, &["--layers", "1"]));
     assert_eq!(
-        compare_shards(&t.model, &out),
+        synth::assert_same_layout(&t.model, &out),
         ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
     );
     let m = manifest(&out);
@@ -310,7 +273,7 @@ fn skip_embeddings_layers_exclude_and_scale_select_what_is_edited() {
     ok(&r);
     assert_eq!(r.stderr, "warning: --exclude `nothing.*` matched no tensor\n");
     assert_eq!(
-        compare_shards(&t.model, &out),
+        synth::assert_same_layout(&t.model, &out),
         ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
     );
     let m = manifest(&out);
@@ -350,7 +313,7 @@ fn an_unknown_tensor_is_an_error_unless_excluded() {
     ok(&t.edit(&out, &["--exclude", "model.extra.*"]));
     let m = manifest(&out);
     assert_eq!(m["excluded"][0]["name"], "model.extra.weight");
-    assert_eq!(compare_shards(&t.model, &out).len(), 5);
+    assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5);
 }
 
 #[test]
@@ -417,7 +380,7 @@ fn force_replaces_an_existing_output_only_after_success() {
     assert!(out.join("old.txt").exists());
     ok(&t.edit(&out, &["--force"]));
     assert!(!out.join("old.txt").exists());
-    assert_eq!(compare_shards(&t.model, &out).len(), 5);
+    assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5);
     let left: Vec<_> = std::fs::read_dir(t.tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.iter().all(|n| !n.to_string_lossy().starts_with('.')), "no temporary leftovers: {left:?}");
 }

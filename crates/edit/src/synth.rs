@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use checkpoint::{Dtype, dtype, safetensors};
+use checkpoint::{Checkpoint, Dtype, dtype, safetensors};
 use serde_json::{Map, Value, json};
 
 /// A tensor to write: values are rounded once to `dtype`.
@@ -168,4 +168,41 @@ pub fn hash_dir(dir: &Path) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// Asserts that `out` holds exactly the input's tensors at the same offsets, that every byte
+/// outside the edited tensors is identical (gaps and trailing bytes included), and returns the
+/// names whose bytes changed.
+pub fn assert_same_layout(model: &Path, out: &Path) -> Vec<String> {
+    let a = Checkpoint::open(model).unwrap();
+    let b = Checkpoint::open(out).unwrap();
+    assert_eq!(a.shards.len(), b.shards.len());
+    let mut changed = Vec::new();
+    for (sa, sb) in a.shards.iter().zip(&b.shards) {
+        assert_eq!(sa.file_name, sb.file_name);
+        let ta = &sa.header.tensors;
+        assert_eq!(&sb.header.tensors[..ta.len()], &ta[..], "same names, order, dtypes, shapes and offsets");
+        let (da, db) = (&sa.bytes()[sa.header.data_start()..], &sb.bytes()[sb.header.data_start()..]);
+        assert!(db.len() >= da.len());
+        let mut covered = vec![false; da.len()];
+        for t in ta {
+            if da[t.begin..t.end] != db[t.begin..t.end] {
+                changed.push(t.name.clone());
+                covered[t.begin..t.end].iter_mut().for_each(|c| *c = true);
+            }
+        }
+        for (k, c) in covered.iter().enumerate() {
+            if !c {
+                assert_eq!(da[k], db[k], "byte {k} of `{}` outside the edited tensors", sa.file_name);
+            }
+        }
+        let meta = sb.metadata().unwrap();
+        for (k, v) in sa.metadata().into_iter().flatten() {
+            assert_eq!(meta.get(k), Some(v), "input metadata `{k}` is kept");
+        }
+        assert_eq!(meta["abliterate_version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(meta["abliterate_direction_sha256"].as_str().unwrap().len(), 64);
+    }
+    changed.sort();
+    changed
 }
