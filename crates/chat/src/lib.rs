@@ -104,6 +104,9 @@ pub struct Options {
     pub template_file: Option<PathBuf>,
     /// The clock of the template's `strftime_now`.
     pub clock: Clock,
+    /// Extra template variables, as keyword arguments of `apply_chat_template`
+    /// (`("enable_thinking", false)` for Qwen3).
+    pub template_vars: Vec<(String, serde_json::Value)>,
 }
 
 /// A model's tokenizer, chat template and generation ids.
@@ -149,7 +152,10 @@ impl Chat {
                 }
             }
         };
-        let template = Template::new(&source, &origin, options.clock)?;
+        let mut template = Template::new(&source, &origin, options.clock)?;
+        for (name, value) in &options.template_vars {
+            template.set_var(name, value);
+        }
 
         let special = config.special.clone();
         let id_of = |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_to_id(t));

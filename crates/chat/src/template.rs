@@ -86,6 +86,8 @@ impl std::error::Error for Raised {}
 pub struct Template {
     env: Environment<'static>,
     origin: String,
+    /// Extra variables (`enable_thinking`, ...), as keyword arguments of `apply_chat_template`.
+    vars: Vec<(String, Value)>,
 }
 
 impl std::fmt::Debug for Template {
@@ -130,7 +132,17 @@ impl Template {
             line: e.line(),
             message: describe(&e),
         })?;
-        Ok(Template { env, origin })
+        Ok(Template { env, origin, vars: Vec::new() })
+    }
+
+    /// Sets an extra template variable, as a keyword argument of `apply_chat_template` does
+    /// (`enable_thinking=False` for Qwen3). It overrides a special token of the same name.
+    pub fn set_var(&mut self, name: &str, value: &serde_json::Value) {
+        let value = from_json(value);
+        match self.vars.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.vars.push((name.to_string(), value)),
+        }
     }
 
     /// Where the template came from, as error messages name it.
@@ -159,6 +171,9 @@ impl Template {
         if !special.additional_special_tokens.is_empty() {
             let list: Vec<Value> = special.additional_special_tokens.iter().map(|t| Value::from(t.as_str())).collect();
             ctx.push(("additional_special_tokens", Value::from(list)));
+        }
+        for (name, value) in &self.vars {
+            ctx.push((name.as_str(), value.clone()));
         }
         ctx.push(("messages", Value::from(messages)));
         ctx.push(("tools", Value::from(())));
@@ -203,6 +218,23 @@ fn python_methods(
         return Ok(Value::from(out));
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// A JSON value as a template value (objects keep their key order).
+fn from_json(value: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match value {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(u)) => Value::from(u),
+            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(items) => Value::from(items.iter().map(from_json).collect::<Vec<_>>()),
+        J::Object(map) => Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), from_json(v)))),
+    }
 }
 
 /// A minijinja error without its location suffix (the caller reports the line itself).

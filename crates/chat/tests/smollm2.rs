@@ -387,3 +387,44 @@ mod stream_property {
         }
     }
 }
+
+#[test]
+fn post_instruction_tokens_survive_case_changes_and_reject_ambiguity() {
+    let Some(dir) = model() else { return };
+    let with_template = |template: &str| {
+        let template = template.to_string();
+        let tmp = tokenizer_dir(&dir, move |c| {
+            c.insert("chat_template".into(), template.into());
+        });
+        let chat = Chat::load(tmp.path()).unwrap();
+        (tmp, chat)
+    };
+    // Upper-cased content is still found; the suffix follows it.
+    let (_tmp, chat) = with_template("<|im_start|>{{ messages[0]['content'].upper() }}<|im_end|>\n");
+    let eoi = chat.post_instruction().unwrap();
+    assert_eq!(eoi.text(), "<|im_end|>");
+    assert_eq!(eoi.ids(), [2]);
+
+    let (tmp, chat) = with_template("{{ messages[0]['content'] }} / {{ messages[0]['content'] }}<|im_end|>");
+    let config = tmp.path().join("tokenizer_config.json");
+    assert_eq!(
+        chat.post_instruction().unwrap_err().to_string(),
+        format!(
+            "chat template from `{}`: the instruction `xq zv placeholder` appears 2 times in the rendered prompt; it must appear once",
+            config.display()
+        )
+    );
+    let (tmp, chat) = with_template("<|im_start|>assistant\n");
+    assert_eq!(
+        chat.post_instruction().unwrap_err().to_string(),
+        format!(
+            "chat template from `{}`: the instruction `xq zv placeholder` does not appear in the rendered prompt",
+            tmp.path().join("tokenizer_config.json").display()
+        )
+    );
+    // " instruction" + "s" is one token " instructions": no clean boundary.
+    let (_tmp, chat) = with_template("{{ messages[0]['content'] }}s<|im_end|>");
+    assert_eq!(chat.encode(" instructions").unwrap().len(), 1);
+    let err = chat.post_instruction().unwrap_err().to_string();
+    assert!(err.contains("the token covering \" instructions\" spans the end of the instruction"), "{err}");
+}
