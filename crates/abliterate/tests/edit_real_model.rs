@@ -34,6 +34,7 @@ fn ulps(a: u16, b: u16) -> u32 {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // (o, i, j) index three arrays at once
 fn real_model_edit_matches_an_independent_computation() {
     let (Some(model), Some(direction)) = (testutil::smollm2(), testutil::smollm2_direction()) else {
         return;
