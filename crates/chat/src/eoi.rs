@@ -128,7 +128,8 @@ mod tests {
             err,
             format!(
                 "prompt \"{}…\": its last 2 tokens [2, 199] are not the post-instruction tokens [2, 198] of the chat \
-                 template; the instruction's end merged with the template's text into one token",
+                 template (a token merged across the end of the instruction, or the prompt does not end with the \
+                 generation prompt)",
                 "a".repeat(48)
             )
         );

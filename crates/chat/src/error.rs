@@ -41,8 +41,8 @@ pub enum Error {
     #[error("chat template from {origin}: {problem}")]
     Placeholder { origin: String, problem: String },
     #[error(
-        "prompt {prompt}: its last {} tokens {got:?} are not the post-instruction tokens {expected:?} of the chat template; \
-         the instruction's end merged with the template's text into one token",
+        "prompt {prompt}: its last {} tokens {got:?} are not the post-instruction tokens {expected:?} of the chat template \
+         (a token merged across the end of the instruction, or the prompt does not end with the generation prompt)",
         expected.len()
     )]
     PostInstructionMismatch { prompt: String, expected: Vec<u32>, got: Vec<u32> },

@@ -31,6 +31,20 @@
 //! `generation_config.json` / `config.json` for end-of-turn ids. A model without a chat template
 //! is an error unless [`Options::template_file`] supplies one: refusal work needs a chat model.
 //!
+//! Where this differs from transformers (deliberately, or where Jinja2 and minijinja differ):
+//!
+//! - messages are `{role, content}` with string content; `tools` and `documents` are always
+//!   `none` (no tool use), extra variables come from [`Options::template_vars`];
+//! - `strftime_now` formats UTC, not the local time (a fixed [`Clock`] makes renders
+//!   reproducible);
+//! - some Jinja2 errors do not happen here (iterating over `none` renders nothing, as in the
+//!   `tool_use` templates that fail in transformers without tools); minijinja's own error texts
+//!   differ from Jinja2's, but a template's `raise_exception(msg)` comes back as `msg` verbatim.
+//!
+//! Tested against transformers 4.57.1 on the real SmolLM2 model (renders, ids, decoding of
+//! Unicode-heavy text), on every fixture family's template and tokenizer, and on ten templates
+//! written to exercise one Jinja feature each (`fixtures/chat/`).
+//!
 //! This crate never runs a model and never writes a file.
 
 mod config;
