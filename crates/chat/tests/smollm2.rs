@@ -428,3 +428,31 @@ fn post_instruction_tokens_survive_case_changes_and_reject_ambiguity() {
     let err = chat.post_instruction().unwrap_err().to_string();
     assert!(err.contains("the token covering \" instructions\" spans the end of the instruction"), "{err}");
 }
+
+/// The Llama 3 and Qwen2 pre-tokenizer regexes (lookahead, case-insensitive groups, `\p{..}`
+/// classes) split the Unicode text set as Python's tokenizers (Oniguruma) does. They run on
+/// SmolLM2's vocabulary, the tokenizer.json rewritten as `make_reference.py` rewrites it.
+#[test]
+fn tiktoken_style_regexes_split_as_oniguruma_does() {
+    let Some(dir) = model() else { return };
+    let reference = reference();
+    let texts: Vec<&str> = reference["texts"].as_array().unwrap().iter().map(|t| t["text"].as_str().unwrap()).collect();
+    let variants = reference["pre_tokenizer_variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 2);
+    let json: Value = serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    for variant in variants {
+        let mut json = json.clone();
+        json["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": variant["regex"]}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        ]});
+        if variant["nfc"].as_bool().unwrap() {
+            json["normalizer"] = serde_json::json!({"type": "NFC"});
+        }
+        let tokenizer = chat::Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap()).unwrap();
+        for (text, want) in texts.iter().zip(variant["ids"].as_array().unwrap()) {
+            let got = tokenizer.encode(*text, false).unwrap().get_ids().to_vec();
+            assert_eq!(got, ids(want), "{} {text:?}", variant["name"]);
+        }
+    }
+}
