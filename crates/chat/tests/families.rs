@@ -132,3 +132,28 @@ fn qwen3_without_thinking_ends_with_an_empty_think_block() {
     assert_eq!(eoi.text(), "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
     eoi.check(&chat.prompt_ids("Hello", None).unwrap(), "Hello").unwrap();
 }
+
+#[test]
+fn special_tokens_eos_and_pad_of_every_family() {
+    for family in families() {
+        let chat = Chat::load(&family.dir).unwrap();
+        let special = chat.special_tokens();
+        let text = |v: &Value| v.as_str().map(str::to_string);
+        assert_eq!(special.bos_token, text(&family.reference["bos_token"]), "{}", family.name);
+        assert_eq!(special.eos_token, text(&family.reference["eos_token"]), "{}", family.name);
+        assert_eq!(special.pad_token, text(&family.reference["pad_token"]), "{}", family.name);
+        let id = |t: &Option<String>| chat.tokenizer().token_to_id(t.as_deref().unwrap()).unwrap();
+        assert_eq!(chat.pad_id(), id(&special.pad_token), "{}", family.name);
+        // generation_config.json's ids first (an int or a list), then the tokenizer's eos.
+        let generation: Value =
+            serde_json::from_slice(&std::fs::read(family.dir.join("generation_config.json")).unwrap()).unwrap();
+        let mut want: Vec<u32> = match &generation["eos_token_id"] {
+            Value::Array(ids) => ids.iter().map(|v| v.as_u64().unwrap() as u32).collect(),
+            v => vec![v.as_u64().unwrap() as u32],
+        };
+        if !want.contains(&id(&special.eos_token)) {
+            want.push(id(&special.eos_token));
+        }
+        assert_eq!(chat.eos_ids(), want, "{}", family.name);
+    }
+}
