@@ -380,8 +380,15 @@ impl Checkpoint {
 fn read_index(dir: &Path) -> Result<(Vec<String>, Map<String, Value>)> {
     let path = dir.join(INDEX_FILE);
     let text = std::fs::read(&path).map_err(|cause| Error::Io { path: path.clone(), cause })?;
+    parse_index(&text)
+}
+
+/// Parses and checks the text of `model.safetensors.index.json` (untrusted: never panics, a fuzz
+/// target holds us to it): a JSON object whose `weight_map` maps tensor names to shard file names
+/// that stay inside the model directory. Returns the shard names (sorted, unique) and the object.
+pub fn parse_index(text: &[u8]) -> Result<(Vec<String>, Map<String, Value>)> {
     let bad = |problem: String| Error::Index { problem };
-    let value: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let Value::Object(index) = value else {
         return Err(bad("not a JSON object".into()));
     };
