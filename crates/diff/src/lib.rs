@@ -65,6 +65,16 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, in the order reports list them.
+    pub const ALL: [Status; 6] = [
+        Status::Identical,
+        Status::Changed,
+        Status::DtypeChanged,
+        Status::ShapeChanged,
+        Status::OnlyInA,
+        Status::OnlyInB,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Status::Identical => "identical",
@@ -456,39 +466,26 @@ fn to_change(m: &sketch::Measured, with_direction: bool) -> Change {
     }
 }
 
-/// Differences between two config.json objects, nested objects flattened to dotted keys, in A's
-/// key order then B's new keys.
+/// Differences between two config.json objects: nested objects present on both sides are compared
+/// key by key (dotted keys), anything else as a whole value. A's key order, then B's new keys.
 pub fn config_changes(a: &Map<String, Value>, b: &Map<String, Value>) -> Vec<ConfigChange> {
-    let (fa, fb) = (flatten(a), flatten(b));
     let mut out = Vec::new();
-    for (k, va) in &fa {
-        match fb.iter().find(|(kb, _)| kb == k) {
-            Some((_, vb)) if vb == va => {}
-            Some((_, vb)) => out.push(ConfigChange { key: k.clone(), a: Some(va.clone()), b: Some(vb.clone()) }),
-            None => out.push(ConfigChange { key: k.clone(), a: Some(va.clone()), b: None }),
-        }
-    }
-    for (k, vb) in &fb {
-        if !fa.iter().any(|(ka, _)| ka == k) {
-            out.push(ConfigChange { key: k.clone(), a: None, b: Some(vb.clone()) });
-        }
-    }
+    compare_objects("", a, b, &mut out);
     out
 }
 
-fn flatten(m: &Map<String, Value>) -> Vec<(String, Value)> {
-    fn walk(prefix: &str, m: &Map<String, Value>, out: &mut Vec<(String, Value)>) {
-        for (k, v) in m {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-            match v {
-                Value::Object(inner) if !inner.is_empty() => walk(&key, inner, out),
-                _ => out.push((key, v.clone())),
-            }
+fn compare_objects(prefix: &str, a: &Map<String, Value>, b: &Map<String, Value>, out: &mut Vec<ConfigChange>) {
+    let key = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+    for (k, va) in a {
+        match (va, b.get(k)) {
+            (Value::Object(oa), Some(Value::Object(ob))) => compare_objects(&key(k), oa, ob, out),
+            (_, Some(vb)) if vb == va => {}
+            (_, vb) => out.push(ConfigChange { key: key(k), a: Some(va.clone()), b: vb.cloned() }),
         }
     }
-    let mut out = Vec::new();
-    walk("", m, &mut out);
-    out
+    for (k, vb) in b.iter().filter(|(k, _)| !a.contains_key(*k)) {
+        out.push(ConfigChange { key: key(k), a: None, b: Some(vb.clone()) });
+    }
 }
 
 /// Other files (tokenizer, chat template, generation config, a manifest, ...) on either side,
@@ -567,7 +564,8 @@ pub struct Rank {
 pub struct KindSummary {
     pub kind: String,
     pub tensors: usize,
-    pub counts: BTreeMap<&'static str, usize>,
+    /// How many tensors have each status (only statuses present), in [`Status::ALL`] order.
+    pub counts: Vec<(Status, usize)>,
     /// Largest max `|dW|` over the changed tensors.
     pub max_abs: Option<f64>,
     /// Smallest and largest relative Frobenius norm of the changes.
@@ -591,7 +589,7 @@ pub fn summarize(report: &Report) -> Vec<KindSummary> {
             KindSummary {
                 kind: kind.clone(),
                 tensors: 0,
-                counts: BTreeMap::new(),
+                counts: Vec::new(),
                 max_abs: None,
                 rel_frobenius: None,
                 ranks: BTreeMap::new(),
@@ -601,7 +599,13 @@ pub fn summarize(report: &Report) -> Vec<KindSummary> {
             }
         });
         s.tensors += 1;
-        *s.counts.entry(t.status.label()).or_default() += 1;
+        match s.counts.iter_mut().find(|(st, _)| *st == t.status) {
+            Some((_, n)) => *n += 1,
+            None => {
+                s.counts.push((t.status, 1));
+                s.counts.sort_by_key(|(st, _)| Status::ALL.iter().position(|x| x == st));
+            }
+        }
         if let Some(c) = &t.change {
             s.max_abs = Some(s.max_abs.map_or(c.max_abs, |m| m.max(c.max_abs)));
             if let Some(r) = c.rel_frobenius {

@@ -284,11 +284,14 @@ fn natural_order_compares_numbers_as_numbers() {
 }
 
 #[test]
-fn config_changes_flatten_nested_keys() {
+fn config_changes_compare_nested_objects_key_by_key() {
     let a: Map<String, Value> =
-        serde_json::from_str(r#"{"tie_word_embeddings":true,"rope":{"theta":1,"type":"x"},"gone":1}"#).unwrap();
-    let b: Map<String, Value> =
-        serde_json::from_str(r#"{"tie_word_embeddings":false,"rope":{"theta":2,"type":"x"},"new":[1]}"#).unwrap();
+        serde_json::from_str(r#"{"tie_word_embeddings":true,"rope":{"theta":1,"type":"x"},"scaling":null,"gone":1}"#)
+            .unwrap();
+    let b: Map<String, Value> = serde_json::from_str(
+        r#"{"tie_word_embeddings":false,"rope":{"theta":2,"type":"x"},"scaling":{"f":8},"new":[1]}"#,
+    )
+    .unwrap();
     let c = config_changes(&a, &b);
     let show: Vec<String> = c.iter().map(|c| format!("{} {:?} {:?}", c.key, c.a, c.b)).collect();
     assert_eq!(
@@ -296,6 +299,7 @@ fn config_changes_flatten_nested_keys() {
         [
             "tie_word_embeddings Some(Bool(true)) Some(Bool(false))",
             "rope.theta Some(Number(1)) Some(Number(2))",
+            "scaling Some(Null) Some(Object {\"f\": Number(8)})",
             "gone Some(Number(1)) None",
             "new None Some(Array [Number(1)])",
         ]

@@ -171,15 +171,7 @@ fn human(
 }
 
 fn status_counts(report: &Report) -> Vec<(&'static str, usize)> {
-    let order = [
-        Status::Identical,
-        Status::Changed,
-        Status::DtypeChanged,
-        Status::ShapeChanged,
-        Status::OnlyInA,
-        Status::OnlyInB,
-    ];
-    order
+    Status::ALL
         .iter()
         .map(|s| (s.label(), report.tensors.iter().filter(|t| t.status == *s).count()))
         .filter(|(_, n)| *n > 0)
@@ -188,7 +180,7 @@ fn status_counts(report: &Report) -> Vec<(&'static str, usize)> {
 
 /// `attn_out: 2 changed; max |dW| 1.2e-2, rel |dW| 3.1e-2..4.0e-2, rank 1, alignment 1.000000, ...`
 fn kind_line(k: &KindSummary) -> String {
-    let counts: Vec<String> = k.counts.iter().map(|(s, n)| format!("{n} {}", words(s))).collect();
+    let counts: Vec<String> = k.counts.iter().map(|(s, n)| format!("{n} {}", words(s.label()))).collect();
     let mut s = format!("{}: {}", k.kind, counts.join(", "));
     let mut details = Vec::new();
     if let Some(m) = k.max_abs {
@@ -321,7 +313,7 @@ fn to_json(
             json!({
                 "kind": k.kind,
                 "tensors": k.tensors,
-                "counts": k.counts,
+                "counts": k.counts.iter().map(|(s, n)| (s.label().to_string(), json!(n))).collect::<Map<_, _>>(),
                 "max_abs": k.max_abs,
                 "rel_frobenius": k.rel_frobenius.map(|(lo, hi)| json!({"min": lo, "max": hi})),
                 "ranks": k.ranks.iter().map(|(r, n)| json!({"rank": r.value, "exact": r.exact, "tensors": n})).collect::<Vec<_>>(),
