@@ -64,10 +64,32 @@ const COLUMN_BLOCK: usize = 512;
 const REWRITE_BLOCK: usize = 1 << 16;
 
 /// A stored float type: exact load to f64 and one rounding on store.
-trait Elem: Sync {
+trait Elem: Sync + Sized {
     const SIZE: usize;
     fn load(b: &[u8]) -> f64;
     fn store(v: f64, out: &mut [u8]);
+
+    /// One run of the rewrite: `out_k = round(w_k − scale · (x_k · y))`, where `x_k · y` is
+    /// `u_i c_q` (either factor may be the one that varies along the run). Returns
+    /// `max |stored_k − w_k|`.
+    #[inline(always)]
+    fn rewrite_run(inp: &[u8], out: &mut [u8], xs: &[f64], y: f64, scale: f64) -> f64 {
+        rewrite_run_scalar::<Self>(inp, out, xs, y, scale)
+    }
+}
+
+#[inline(always)]
+fn rewrite_run_scalar<E: Elem>(inp: &[u8], out: &mut [u8], xs: &[f64], y: f64, scale: f64) -> f64 {
+    let mut max_change = 0f64;
+    for ((ob, ib), &x) in out.chunks_exact_mut(E::SIZE).zip(inp.chunks_exact(E::SIZE)).zip(xs) {
+        let w = E::load(ib);
+        E::store(w - scale * (x * y), ob);
+        let change = (E::load(ob) - w).abs();
+        if change > max_change {
+            max_change = change;
+        }
+    }
+    max_change
 }
 
 struct Bf16;
@@ -83,7 +105,54 @@ impl Elem for Bf16 {
     }
     #[inline(always)]
     fn store(v: f64, out: &mut [u8]) {
-        out.copy_from_slice(&bf16_from_f64(v).to_le_bytes());
+        out.copy_from_slice(&bf16_rne(v).to_le_bytes());
+    }
+
+    /// The same rounding as [`bf16_rne`] without its branch, eight lanes at a time (so that it
+    /// vectorizes); if any value of the run leaves bf16's normal range (zero, subnormal, inf,
+    /// NaN), the run is redone on the general path.
+    #[inline(always)]
+    fn rewrite_run(inp: &[u8], out: &mut [u8], xs: &[f64], y: f64, scale: f64) -> f64 {
+        const L: usize = 8;
+        let mut lanes = [0f64; L];
+        let mut normal = true;
+        for ((ib, ob), x) in inp.chunks_exact(2 * L).zip(out.chunks_exact_mut(2 * L)).zip(xs.chunks_exact(L)) {
+            for k in 0..L {
+                let w = f32::from_bits((u16::from_le_bytes([ib[2 * k], ib[2 * k + 1]]) as u32) << 16) as f64;
+                let b = (w - scale * (x[k] * y)).to_bits();
+                normal &= ((b >> 52) & 0x7ff).wrapping_sub(1023 - 126) <= 253;
+                let r = (b + ((1u64 << 44) - 1) + ((b >> 45) & 1)) & !((1u64 << 45) - 1);
+                let h = ((f64::from_bits(r) as f32).to_bits() >> 16) as u16;
+                ob[2 * k..2 * k + 2].copy_from_slice(&h.to_le_bytes());
+                let change = (f32::from_bits((h as u32) << 16) as f64 - w).abs();
+                lanes[k] = if change > lanes[k] { change } else { lanes[k] };
+            }
+        }
+        if !normal {
+            return rewrite_run_scalar::<Self>(inp, out, xs, y, scale);
+        }
+        let done = xs.len() / L * L;
+        let tail = rewrite_run_scalar::<Self>(&inp[2 * done..], &mut out[2 * done..], &xs[done..], y, scale);
+        lanes.iter().fold(tail, |m, &c| if c > m { c } else { m })
+    }
+}
+
+/// f64 -> bf16 bits, round to nearest even in one step: the same result as
+/// [`checkpoint::dtype::bf16_from_f64`], computed on the f64 bits for values in bf16's normal range
+/// (rounding the 52-bit mantissa to 7 bits, then converting exactly), which is nearly every
+/// weight; zeros, subnormals, infinities and NaN take the general path.
+#[inline(always)]
+pub fn bf16_rne(v: f64) -> u16 {
+    let b = v.to_bits();
+    let exp = (b >> 52) & 0x7ff;
+    if (1023 - 126..=1023 + 127).contains(&exp) {
+        let lsb = (b >> 45) & 1;
+        let r = (b + (1u64 << 44) - 1 + lsb) & !((1u64 << 45) - 1);
+        // At most 8 significant bits and an f32 exponent: exact (or +-inf past bf16's maximum,
+        // which is where round to nearest goes).
+        ((f64::from_bits(r) as f32).to_bits() >> 16) as u16
+    } else {
+        bf16_from_f64(v)
     }
 }
 
@@ -162,6 +231,9 @@ fn accumulate_typed<E: Elem>(
     assert_eq!(c.len(), view.columns(), "accumulate: `c` spans every column");
     assert_eq!(unit.len(), view.d, "accumulate: the unit vector has length d");
     let cols = view.columns_of(&rows);
+    if view.inner == 1 {
+        return accumulate_rows::<E>(view, rows, bytes, unit, &mut c[cols.clone()], sq.map(|sq| &mut sq[cols]));
+    }
     let c = &mut c[cols.clone()];
     let task = |k: usize, c_blk: &mut [f64], mut sq_blk: Option<&mut [f64]>| {
         let blk = cols.start + k * COLUMN_BLOCK..cols.start + k * COLUMN_BLOCK + c_blk.len();
@@ -199,6 +271,54 @@ fn accumulate_typed<E: Elem>(
         Some(sq) => c
             .par_chunks_mut(COLUMN_BLOCK)
             .zip(sq[cols.clone()].par_chunks_mut(COLUMN_BLOCK))
+            .enumerate()
+            .for_each(|(k, (blk, sq_blk))| task(k, blk, Some(sq_blk))),
+    }
+}
+
+/// [`accumulate`] for `inner == 1` (embeddings, biases): one column per `o`, whose rows `i` are
+/// contiguous, so each `c_o` is a dot product summed in increasing `i` (continuing the previous
+/// chunk's partial sum). `c` and `sq` are the columns touched by `rows`.
+fn accumulate_rows<E: Elem>(
+    view: View,
+    rows: Range<usize>,
+    bytes: &[u8],
+    unit: &[f64],
+    c: &mut [f64],
+    sq: Option<&mut [f64]>,
+) {
+    let o_first = rows.start / view.d;
+    let task = |k: usize, c_blk: &mut [f64], mut sq_blk: Option<&mut [f64]>| {
+        for n in 0..c_blk.len() {
+            let o = o_first + k * COLUMN_BLOCK + n;
+            let (i0, i1) = (rows.start.max(o * view.d) - o * view.d, rows.end.min((o + 1) * view.d) - o * view.d);
+            let base = o * view.d + i0 - rows.start;
+            let src = &bytes[base * E::SIZE..(base + i1 - i0) * E::SIZE];
+            let mut acc = c_blk[n];
+            match sq_blk.as_deref_mut() {
+                None => {
+                    for (u, b) in unit[i0..i1].iter().zip(src.chunks_exact(E::SIZE)) {
+                        acc += u * E::load(b);
+                    }
+                }
+                Some(sq_blk) => {
+                    let mut s2 = sq_blk[n];
+                    for (u, b) in unit[i0..i1].iter().zip(src.chunks_exact(E::SIZE)) {
+                        let w = E::load(b);
+                        acc += u * w;
+                        s2 += w * w;
+                    }
+                    sq_blk[n] = s2;
+                }
+            }
+            c_blk[n] = acc;
+        }
+    };
+    match sq {
+        None => c.par_chunks_mut(COLUMN_BLOCK).enumerate().for_each(|(k, blk)| task(k, blk, None)),
+        Some(sq) => c
+            .par_chunks_mut(COLUMN_BLOCK)
+            .zip(sq.par_chunks_mut(COLUMN_BLOCK))
             .enumerate()
             .for_each(|(k, (blk, sq_blk))| task(k, blk, Some(sq_blk))),
     }
@@ -243,22 +363,29 @@ fn rewrite_typed<E: Elem>(
         .enumerate()
         .map(|(k, (out, inp))| {
             let r0 = rows.start + k * rows_per_task;
+            let r1 = r0 + inp.len() / (view.inner * E::SIZE);
             let mut max_change = 0f64;
-            for (n, (o_row, i_row)) in
-                out.chunks_exact_mut(view.inner * E::SIZE).zip(inp.chunks_exact(view.inner * E::SIZE)).enumerate()
-            {
-                let r = r0 + n;
-                let (o, i) = (r / view.d, r % view.d);
-                let u = unit[i];
-                let c_row = &c[o * view.inner..(o + 1) * view.inner];
-                for ((ob, ib), &cq) in o_row.chunks_exact_mut(E::SIZE).zip(i_row.chunks_exact(E::SIZE)).zip(c_row) {
-                    let w = E::load(ib);
-                    E::store(w - scale * (u * cq), ob);
-                    let change = (E::load(ob) - w).abs();
-                    if change > max_change {
-                        max_change = change;
-                    }
-                }
+            // Slabs of consecutive rows of one `o`: rows i0..i1, sharing c[o, ..].
+            let mut r = r0;
+            while r < r1 {
+                let (o, i0) = (r / view.d, r % view.d);
+                let i1 = (i0 + r1 - r).min(view.d);
+                let span = (r - r0) * view.inner * E::SIZE..(r - r0 + i1 - i0) * view.inner * E::SIZE;
+                let (o_slab, i_slab) = (&mut out[span.clone()], &inp[span]);
+                let c_o = &c[o * view.inner..(o + 1) * view.inner];
+                let run = if view.inner == 1 {
+                    E::rewrite_run(i_slab, o_slab, &unit[i0..i1], c_o[0], scale)
+                } else {
+                    let row = view.inner * E::SIZE;
+                    o_slab
+                        .chunks_exact_mut(row)
+                        .zip(i_slab.chunks_exact(row))
+                        .zip(&unit[i0..i1])
+                        .map(|((o_row, i_row), &u)| E::rewrite_run(i_row, o_row, c_o, u, scale))
+                        .fold(0f64, f64::max)
+                };
+                max_change = max_change.max(run);
+                r += i1 - i0;
             }
             max_change
         })
@@ -388,6 +515,58 @@ mod tests {
 
     const DTYPES: [Dtype; 3] = [Dtype::BF16, Dtype::F16, Dtype::F32];
 
+    /// The spacing of a dtype's subnormals (its smallest positive value).
+    fn smallest_step(dt: Dtype) -> f64 {
+        match dt {
+            Dtype::BF16 => 2f64.powi(-133),
+            Dtype::F16 => 2f64.powi(-24),
+            Dtype::F32 => 2f64.powi(-149),
+            _ => 2f64.powi(-1074),
+        }
+    }
+
+    #[test]
+    fn fast_bf16_rounding_equals_the_general_path() {
+        let edges = [
+            0.0,
+            -0.0,
+            1.0 + 2f64.powi(-8),
+            1.0 + 2f64.powi(-8) + 2f64.powi(-40),
+            f64::MAX,
+            3.3961e38,
+            3.4e38,
+            -3.4e38,
+            2f64.powi(-126),
+            2f64.powi(-127),
+            1e-40,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+        ];
+        for v in edges {
+            assert_eq!(bf16_rne(v), bf16_from_f64(v), "{v:e}");
+        }
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(x);
+            if !v.is_nan() {
+                assert_eq!(bf16_rne(v), bf16_from_f64(v), "{v:e}");
+            }
+            // Values near ties: a bf16 value plus half an ulp, plus or minus a hair.
+            let b = f32::from_bits(((x >> 40) as u32 & 0x7f7f_ffff) << 8) as f64;
+            for t in [
+                b * (1.0 + 2f64.powi(-9)),
+                b * (1.0 + 2f64.powi(-9) + 2f64.powi(-50)),
+                b * (1.0 + 2f64.powi(-9) - 2f64.powi(-50)),
+            ] {
+                assert_eq!(bf16_rne(t), bf16_from_f64(t), "{t:e}");
+            }
+        }
+    }
+
     proptest! {
         /// method.md §6 law 1: for every column, |Σ_i u_i W'_stored[i, j]| ≤ u · Σ_i |u_i| |W'[i, j]|
         /// (plus a float64 term), after rounding to the stored dtype.
@@ -422,7 +601,10 @@ mod tests {
                 let unit_roundoff = dt.unit_roundoff().unwrap();
                 for (n, (x, y)) in a.iter().zip(&b).enumerate() {
                     let (o, i, j) = (n / view.inner / view.d, n / view.inner % view.d, n % view.inner);
-                    let allowed = (u[i] * c1[o * view.inner + j]).abs() * (1.0 + 1e-9) + unit_roundoff * x.abs().max(y.abs()) + 1e-300;
+                    // Half an ulp: relative for normal values, absolute (half the smallest
+                    // subnormal step) below the normal range.
+                    let half_ulp = (unit_roundoff * x.abs().max(y.abs())).max(smallest_step(dt) / 2.0);
+                    let allowed = (u[i] * c1[o * view.inner + j]).abs() * (1.0 + 1e-9) + half_ulp;
                     prop_assert!((x - y).abs() <= allowed, "{dt} entry {n}: {x:e} -> {y:e}, allowed {allowed:e}");
                 }
             }

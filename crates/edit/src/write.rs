@@ -20,7 +20,6 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 
 use checkpoint::{Checkpoint, INDEX_FILE, TensorEntry, safetensors};
@@ -60,14 +59,34 @@ impl Progress for NoProgress {}
 
 /// An output file: written sequentially, then made durable.
 pub(crate) trait OutFile: Write + Send {
+    /// Bytes `begin..end` are written: the disk may start storing them (a hint).
+    fn start_writeback(&mut self, _begin: u64, _end: u64) {}
     fn finish(&mut self) -> io::Result<()>;
 }
 
 impl OutFile for File {
+    fn start_writeback(&mut self, begin: u64, end: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor we own; it only starts asynchronous
+        // writeback of already written pages, so the final fsync has less left to wait for
+        // (the disk works while we compute). Failure is harmless: fsync still runs.
+        unsafe {
+            libc::sync_file_range(
+                self.as_raw_fd(),
+                begin as libc::off64_t,
+                (end - begin) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
     fn finish(&mut self) -> io::Result<()> {
         self.sync_all()
     }
 }
+
+/// Written bytes between writeback hints.
+const WRITEBACK: u64 = 32 << 20;
 
 /// Creates an output file (a test can inject one that fails).
 pub(crate) type Create = dyn Fn(&Path) -> io::Result<Box<dyn OutFile>> + Sync;
@@ -171,17 +190,23 @@ struct HashingFile {
     inner: Box<dyn OutFile>,
     hasher: Sha256,
     len: u64,
+    /// Where the last writeback hint ended.
+    synced: u64,
 }
 
 impl HashingFile {
     fn new(inner: Box<dyn OutFile>) -> HashingFile {
-        HashingFile { inner, hasher: Sha256::new(), len: 0 }
+        HashingFile { inner, hasher: Sha256::new(), len: 0, synced: 0 }
     }
 
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         self.inner.write_all(buf)?;
         self.hasher.update(buf);
         self.len += buf.len() as u64;
+        if self.len - self.synced >= WRITEBACK {
+            self.inner.start_writeback(self.synced, self.len);
+            self.synced = self.len;
+        }
         Ok(())
     }
 
@@ -195,7 +220,9 @@ impl HashingFile {
 /// One stretch of an output shard's data section.
 enum Segment {
     /// Bytes `range` (absolute file offsets) of input shard `shard`, copied as they are.
-    Copy { shard: usize, range: std::ops::Range<u64> },
+    /// `in_order`: these are the next bytes of the shard being streamed (and go to its input
+    /// hash); not so for the appended untied head, a second copy of the embedding.
+    Copy { shard: usize, range: std::ops::Range<u64>, in_order: bool },
     /// Edit number `index` of the plan.
     Edit(usize),
 }
@@ -229,13 +256,13 @@ fn shard_layout(ckpt: &Checkpoint, plan: &Plan, si: usize, direction_sha: &str) 
         let t = ckpt.entry(plan.edits[i].tensor);
         let (b, e) = (data_start + begin as u64, data_start + t.end as u64);
         if b > cursor {
-            segments.push(Segment::Copy { shard: si, range: cursor..b });
+            segments.push(Segment::Copy { shard: si, range: cursor..b, in_order: true });
         }
         segments.push(Segment::Edit(i));
         cursor = e;
     }
     if shard.len() > cursor {
-        segments.push(Segment::Copy { shard: si, range: cursor..shard.len() });
+        segments.push(Segment::Copy { shard: si, range: cursor..shard.len(), in_order: true });
     }
     let mut end = data_len as usize;
     for a in plan.added.iter().filter(|a| a.file == shard.file_name) {
@@ -252,6 +279,7 @@ fn shard_layout(ckpt: &Checkpoint, plan: &Plan, si: usize, direction_sha: &str) 
         segments.push(Segment::Copy {
             shard: a.source.shard,
             range: src_start + src.begin as u64..src_start + src.end as u64,
+            in_order: false,
         });
     }
     let header = safetensors::write_header(Some(&metadata), &tensors);
@@ -259,45 +287,99 @@ fn shard_layout(ckpt: &Checkpoint, plan: &Plan, si: usize, direction_sha: &str) 
     ShardLayout { header, segments, len }
 }
 
-/// Buffers recycled between the compute side and the writer, so memory stays bounded.
+/// A chunk of bytes on its way to the writer and/or the input hasher.
+type Chunk = Arc<Vec<u8>>;
+
+/// Buffers recycled from the consumers, so memory stays bounded and is not re-zeroed.
 struct Pool {
-    back: Receiver<Vec<u8>>,
+    back: Receiver<Chunk>,
 }
 
 impl Pool {
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut b = self.back.try_recv().unwrap_or_default();
-        b.clear();
-        b.resize(len, 0);
-        b
+        // A chunk comes back once per consumer; the last one to return it frees it for reuse.
+        while let Ok(chunk) = self.back.try_recv() {
+            if let Ok(mut v) = Arc::try_unwrap(chunk) {
+                v.resize(len, 0);
+                return v;
+            }
+        }
+        vec![0u8; len]
     }
 }
 
-/// Streams one shard: the producer (this thread, with rayon for the math) sends chunks in order to
-/// a writer thread through a bounded channel.
-fn stream_shard(ctx: &Ctx, si: usize, layout: ShardLayout) -> Result<(FileRecord, Vec<Ledger>)> {
-    let rel = ctx.ckpt.shards[si].file_name.clone();
+/// The consumers of a shard's chunks: the writer (output bytes, in order) and the input hasher
+/// (every byte of the input shard, in order, read once by the producer).
+struct Sinks<'a> {
+    writer: &'a SyncSender<Chunk>,
+    hasher: &'a SyncSender<Chunk>,
+}
+
+/// The writer hung up (it failed); its error is reported by the caller.
+struct WriterGone;
+
+type Sent<T = ()> = std::result::Result<T, WriterGone>;
+
+impl Sinks<'_> {
+    fn write(&self, c: &Chunk) -> Sent {
+        self.writer.send(c.clone()).map_err(|_| WriterGone)
+    }
+
+    fn hash(&self, c: &Chunk) {
+        // The hasher only stops when the producer does.
+        let _ = self.hasher.send(c.clone());
+    }
+}
+
+/// Hashes chunks in order; returns the hex digest and the byte count.
+fn hash_stream(rx: Receiver<Chunk>, back: std::sync::mpsc::Sender<Chunk>) -> (String, u64) {
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    for chunk in rx {
+        h.update(&chunk[..]);
+        len += chunk.len() as u64;
+        let _ = back.send(chunk);
+    }
+    (hex(&h.finalize()), len)
+}
+
+/// Streams one shard. The producer (this thread, with rayon for the math) reads the input once,
+/// in order, and sends chunks through bounded channels to a writer thread (which hashes and
+/// writes the output) and a hasher thread (which hashes the input).
+fn stream_shard(ctx: &Ctx, si: usize, layout: ShardLayout) -> Result<(FileRecord, FileRecord, Vec<Ledger>)> {
+    let shard = &ctx.ckpt.shards[si];
+    let rel = shard.file_name.clone();
     let path = ctx.temp.join(&rel);
     let file = (ctx.create)(&path).map_err(|e| ctx.write_error(&rel, e))?;
-    let (tx, rx) = sync_channel::<Vec<u8>>(DEPTH);
-    let (back_tx, back_rx) = channel::<Vec<u8>>();
+    let (to_writer, from_producer) = sync_channel::<Chunk>(DEPTH);
+    let (to_hasher, hasher_rx) = sync_channel::<Chunk>(DEPTH);
+    let (back_tx, back_rx) = channel::<Chunk>();
     let pool = Pool { back: back_rx };
     std::thread::scope(|s| {
         let progress = ctx.progress;
+        let writer_back = back_tx.clone();
         let writer = s.spawn(move || -> io::Result<(String, u64)> {
             let mut w = HashingFile::new(file);
-            for buf in rx {
-                w.write_all(&buf)?;
-                progress.advance(buf.len() as u64);
-                let _ = back_tx.send(buf);
+            for chunk in from_producer {
+                w.write_all(&chunk)?;
+                progress.advance(chunk.len() as u64);
+                let _ = writer_back.send(chunk);
             }
             w.finish()
         });
-        let produced = produce(ctx, &layout, &tx, &pool);
-        drop(tx);
+        let hasher = s.spawn(move || hash_stream(hasher_rx, back_tx));
+        let produced = produce(ctx, si, &layout, &Sinks { writer: &to_writer, hasher: &to_hasher }, &pool);
+        drop(to_writer);
+        drop(to_hasher);
         let written = writer.join().expect("the writer thread does not panic");
+        let (in_sha, in_len) = hasher.join().expect("the hashing thread does not panic");
         match (produced, written) {
-            (Ok(ledger), Ok((sha256, bytes))) => Ok((FileRecord { path: rel.clone(), sha256, bytes }, ledger)),
+            (Ok(ledger), Ok((sha256, bytes))) => {
+                // The producer reads every input byte exactly once, in order.
+                assert_eq!(in_len, shard.len(), "the input hash covers `{rel}` whole");
+                let input = FileRecord { path: rel.clone(), sha256: in_sha, bytes: in_len };
+                Ok((FileRecord { path: rel.clone(), sha256, bytes }, input, ledger))
+            }
             // A failed write stops the producer (its send fails), so the writer's error comes first.
             (_, Err(e)) => Err(ctx.write_error(&rel, e)),
             (Err(e), Ok(_)) => Err(e),
@@ -305,45 +387,50 @@ fn stream_shard(ctx: &Ctx, si: usize, layout: ShardLayout) -> Result<(FileRecord
     })
 }
 
-/// The writer hung up (it failed); its error is reported by the caller.
-struct WriterGone;
-
-fn produce(ctx: &Ctx, layout: &ShardLayout, tx: &SyncSender<Vec<u8>>, pool: &Pool) -> Result<Vec<Ledger>> {
-    let send = |b: Vec<u8>| tx.send(b).map_err(|_| WriterGone);
+fn produce(ctx: &Ctx, si: usize, layout: &ShardLayout, sinks: &Sinks, pool: &Pool) -> Result<Vec<Ledger>> {
     let mut ledger = Vec::new();
-    let mut header = pool.take(0);
-    header.extend_from_slice(&layout.header);
-    if send(header).is_err() {
+    // The input's own header, for the input hash only.
+    let data_start = ctx.ckpt.shards[si].header.data_start();
+    let mut header_in = pool.take(data_start);
+    ctx.inputs[si].read_exact_at(&mut header_in, 0).map_err(|e| ctx.read_error(si, e))?;
+    sinks.hash(&Arc::new(header_in));
+    let mut header_out = pool.take(layout.header.len());
+    header_out.copy_from_slice(&layout.header);
+    if sinks.write(&Arc::new(header_out)).is_err() {
         return Ok(ledger);
     }
     for seg in &layout.segments {
-        let step = match seg {
-            Segment::Copy { shard, range } => copy_range(ctx, *shard, range.clone(), pool, &send),
-            Segment::Edit(i) => edit_tensor(ctx, *i, pool, &send).map(|l| l.map(|l| ledger.push(l))),
+        let sent = match seg {
+            Segment::Copy { shard, range, in_order } => copy_range(ctx, *shard, range.clone(), *in_order, sinks, pool)?,
+            Segment::Edit(i) => edit_tensor(ctx, *i, sinks, pool)?.map(|l| ledger.push(l)),
         };
-        match step? {
-            Ok(()) => {}
-            Err(WriterGone) => break,
+        if sent.is_err() {
+            break;
         }
     }
     Ok(ledger)
 }
 
-type Sent = std::result::Result<(), WriterGone>;
-
+/// Copies input bytes `range` of `shard` to the output; `hash` says whether they are the next
+/// bytes of the input shard being hashed (not so for the appended untied head).
 fn copy_range(
     ctx: &Ctx,
     shard: usize,
     range: std::ops::Range<u64>,
+    hash: bool,
+    sinks: &Sinks,
     pool: &Pool,
-    send: &dyn Fn(Vec<u8>) -> Sent,
 ) -> Result<Sent> {
     let mut off = range.start;
     while off < range.end {
         let n = (range.end - off).min(CHUNK as u64) as usize;
         let mut buf = pool.take(n);
         ctx.inputs[shard].read_exact_at(&mut buf, off).map_err(|e| ctx.read_error(shard, e))?;
-        if let Err(g) = send(buf) {
+        let chunk = Arc::new(buf);
+        if hash {
+            sinks.hash(&chunk);
+        }
+        if let Err(g) = sinks.write(&chunk) {
             return Ok(Err(g));
         }
         off += n as u64;
@@ -351,14 +438,10 @@ fn copy_range(
     Ok(Ok(()))
 }
 
-/// Two passes over one tensor, chunk by chunk: the projection `c` (and `||W||_F`), then the
-/// rewrite, whose stored bytes give `|uᵀW'|` before they go to the writer.
-fn edit_tensor(
-    ctx: &Ctx,
-    i: usize,
-    pool: &Pool,
-    send: &dyn Fn(Vec<u8>) -> Sent,
-) -> Result<std::result::Result<Ledger, WriterGone>> {
+/// Two passes over one tensor, chunk by chunk: the projection `c` (and `||W||_F`) while the
+/// input bytes go to the input hasher, then the rewrite, whose stored bytes give `|uᵀW'|`
+/// before they go to the writer.
+fn edit_tensor(ctx: &Ctx, i: usize, sinks: &Sinks, pool: &Pool) -> Result<Sent<Ledger>> {
     let e = &ctx.plan.edits[i];
     let unit = &ctx.units[i];
     let t = ctx.ckpt.entry(e.tensor);
@@ -369,28 +452,29 @@ fn edit_tensor(
     let rows_per_chunk = CHUNK.checked_div(row_bytes).unwrap_or(view.rows()).max(1);
     let start = ctx.ckpt.shards[shard].header.data_start() as u64 + t.begin as u64;
     let chunks = || (0..view.rows()).step_by(rows_per_chunk).map(move |r0| r0..(r0 + rows_per_chunk).min(view.rows()));
-    let mut input = Vec::new();
-    let read = |rows: &std::ops::Range<usize>, input: &mut Vec<u8>| -> Result<()> {
-        input.clear();
-        input.resize(rows.len() * row_bytes, 0);
+    let read = |rows: &std::ops::Range<usize>, buf: &mut Vec<u8>| -> Result<()> {
         let off = start + (rows.start * row_bytes) as u64;
-        ctx.inputs[shard].read_exact_at(input, off).map_err(|e| ctx.read_error(shard, e))
+        ctx.inputs[shard].read_exact_at(buf, off).map_err(|e| ctx.read_error(shard, e))
     };
     let mut c = vec![0f64; view.columns()];
     let mut sq = vec![0f64; view.columns()];
     for rows in chunks() {
-        read(&rows, &mut input)?;
-        kernel::accumulate(t.dtype, view, rows, &input, unit, &mut c, Some(&mut sq));
+        let mut buf = pool.take(rows.len() * row_bytes);
+        read(&rows, &mut buf)?;
+        kernel::accumulate(t.dtype, view, rows, &buf, unit, &mut c, Some(&mut sq));
+        sinks.hash(&Arc::new(buf));
     }
     let mut c_after = vec![0f64; view.columns()];
     let mut max_change = 0f64;
+    let mut input = Vec::new();
     for rows in chunks() {
+        input.resize(rows.len() * row_bytes, 0);
         read(&rows, &mut input)?;
         let mut out = pool.take(input.len());
         let m = kernel::rewrite(t.dtype, view, rows.clone(), &input, unit, &c, e.scale, &mut out);
         max_change = max_change.max(m);
         kernel::accumulate(t.dtype, view, rows, &out, unit, &mut c_after, None);
-        if let Err(g) = send(out) {
+        if let Err(g) = sinks.write(&Arc::new(out)) {
             return Ok(Err(g));
         }
     }
@@ -422,29 +506,10 @@ fn ctx_ledger(
     }
 }
 
-/// Hashes the input files on a thread of its own; stops early when `cancel` is set.
-fn hash_inputs(files: &[(String, PathBuf)], cancel: &AtomicBool) -> Result<Vec<FileRecord>> {
-    let mut out = Vec::with_capacity(files.len());
-    let mut buf = vec![0u8; 4 << 20];
-    for (rel, path) in files {
-        let io = |source| Error::Io { path: path.clone(), cause: source };
-        let mut f = File::open(path).map_err(io)?;
-        let mut h = Sha256::new();
-        let mut len = 0u64;
-        loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Ok(out);
-            }
-            let n = f.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            len += n as u64;
-        }
-        out.push(FileRecord { path: rel.clone(), sha256: hex(&h.finalize()), bytes: len });
-    }
-    Ok(out)
+/// sha256 and length of a (small) input file.
+fn hash_file(path: &Path, rel: &str) -> Result<FileRecord> {
+    let bytes = std::fs::read(path).map_err(|cause| Error::Io { path: path.to_path_buf(), cause })?;
+    Ok(FileRecord { path: rel.to_string(), sha256: crate::direction::sha256_hex(&bytes), bytes: bytes.len() as u64 })
 }
 
 /// config.json with `tie_word_embeddings: false` where transformers reads it (the top level,
@@ -494,17 +559,12 @@ pub(crate) fn write_with(
         .filter(|rel| rel.as_path() != Path::new(MANIFEST))
         .map(|rel| OtherFile { copy: !is_foreign_weights(&rel), rel })
         .collect();
-    // Every input file we read, sorted by relative path.
-    let mut input_files: Vec<(String, PathBuf)> =
-        ckpt.shards.iter().map(|s| (s.file_name.clone(), s.path.clone())).collect();
+    // Every input file we read.
+    let mut abs_inputs: Vec<PathBuf> = ckpt.shards.iter().map(|s| s.path.clone()).collect();
     if ckpt.index.is_some() {
-        input_files.push((INDEX_FILE.to_string(), ckpt.dir.join(INDEX_FILE)));
+        abs_inputs.push(ckpt.dir.join(INDEX_FILE));
     }
-    for o in others.iter().filter(|o| o.copy) {
-        input_files.push((rel_string(&o.rel), ckpt.dir.join(&o.rel)));
-    }
-    input_files.sort();
-    let abs_inputs: Vec<PathBuf> = input_files.iter().map(|(_, p)| p.clone()).collect();
+    abs_inputs.extend(others.iter().filter(|o| o.copy).map(|o| ckpt.dir.join(&o.rel)));
     let target = OutputTarget::check(&ckpt.dir, &abs_inputs, out, opts.force)?;
 
     let layouts: Vec<ShardLayout> =
@@ -531,17 +591,9 @@ pub(crate) fn write_with(
         .collect::<Result<Vec<_>>>()?;
     let temp = target.create_temp()?;
     let ctx = Ctx { ckpt, plan, units, inputs, create, progress, target: &target, temp: temp.path(), need };
-    let cancel = AtomicBool::new(false);
-    let (written, hashed) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| hash_inputs(&input_files, &cancel));
-        let written = write_all(&ctx, layouts, &others, config_bytes.as_deref(), index_bytes.as_deref());
-        if written.is_err() {
-            cancel.store(true, Ordering::Relaxed);
-        }
-        (written, hasher.join().expect("the hashing thread does not panic"))
-    });
-    let (mut outputs, ledger) = written?;
-    let inputs = hashed?;
+    let (mut outputs, mut inputs, ledger) =
+        write_all(&ctx, layouts, &others, config_bytes.as_deref(), index_bytes.as_deref())?;
+    inputs.sort_by(|a, b| a.path.cmp(&b.path));
 
     let previous = std::fs::read(ckpt.dir.join(MANIFEST)).ok().map(|b| {
         serde_json::from_slice::<Value>(&b).unwrap_or_else(|_| Value::String(crate::direction::sha256_hex(&b)))
@@ -567,44 +619,58 @@ pub(crate) fn write_with(
     Ok(Report { ledger, inputs, outputs, manifest, bytes_written, not_copied })
 }
 
-/// Writes every output file into the temporary directory.
+/// Writes every output file into the temporary directory; returns the output and input records
+/// and the ledger.
 fn write_all(
     ctx: &Ctx,
     layouts: Vec<ShardLayout>,
     others: &[OtherFile],
     config: Option<&[u8]>,
     index: Option<&[u8]>,
-) -> Result<(Vec<FileRecord>, Vec<Ledger>)> {
-    let mut outputs = Vec::new();
+) -> Result<(Vec<FileRecord>, Vec<FileRecord>, Vec<Ledger>)> {
+    let (mut outputs, mut inputs) = (Vec::new(), Vec::new());
     let mut ledger_by_edit: HashMap<String, Ledger> = HashMap::new();
     for (si, layout) in layouts.into_iter().enumerate() {
-        let (record, ledger) = stream_shard(ctx, si, layout)?;
-        outputs.push(record);
+        let (output, input, ledger) = stream_shard(ctx, si, layout)?;
+        outputs.push(output);
+        inputs.push(input);
         for l in ledger {
             ledger_by_edit.insert(l.name.clone(), l);
         }
     }
+    // A file copied as it is has the same hash on both sides; a rewritten one is hashed as read.
+    let mut small = |rel: &str, rewritten: Option<&[u8]>| -> Result<()> {
+        let out = match rewritten {
+            Some(bytes) => {
+                inputs.push(hash_file(&ctx.ckpt.dir.join(rel), rel)?);
+                ctx.write_small(rel, bytes)?
+            }
+            None => {
+                let out = ctx.copy_file(rel)?;
+                inputs.push(out.clone());
+                out
+            }
+        };
+        outputs.push(out);
+        Ok(())
+    };
     if ctx.ckpt.index.is_some() {
-        outputs.push(match index {
-            Some(bytes) => ctx.write_small(INDEX_FILE, bytes)?,
-            None => ctx.copy_file(INDEX_FILE)?,
-        });
+        small(INDEX_FILE, index)?;
     }
     for o in others.iter().filter(|o| o.copy) {
         let rel = rel_string(&o.rel);
-        outputs.push(match (rel.as_str(), config) {
-            ("config.json", Some(bytes)) => ctx.write_small(&rel, bytes)?,
-            _ => ctx.copy_file(&rel)?,
-        });
+        let rewritten = if rel == "config.json" { config } else { None };
+        small(&rel, rewritten)?;
     }
     // The ledger in plan order.
     let ledger = ctx.plan.edits.iter().filter_map(|e| ledger_by_edit.remove(&e.name)).collect();
-    Ok((outputs, ledger))
+    Ok((outputs, inputs, ledger))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     /// Fails with ENOSPC once `budget` bytes have been written in total (a full disk).
     struct FullDisk {
