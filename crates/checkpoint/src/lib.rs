@@ -111,6 +111,22 @@ impl Shard {
         self.mmap.len() as u64
     }
 
+    /// Tells the kernel this process is done, for now, with bytes `range` of the file, so that a
+    /// reader streaming through the maps (e.g. `diff`) keeps a resident set that does not grow
+    /// with the checkpoint. The pages stay in the page cache; reading them again maps them again.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        if range.start >= range.end || range.end > self.mmap.len() {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and shared with the file, never written through: dropping
+        // pages only unmaps them from this process, and any later read (by any thread) faults the
+        // same file contents back in. A failure only means the pages stay resident.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len());
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.mmap.is_empty()
     }
@@ -240,6 +256,14 @@ impl Checkpoint {
     pub fn bytes(&self, r: TensorRef) -> &[u8] {
         let s = &self.shards[r.shard];
         s.tensor_bytes(&s.header.tensors[r.entry])
+    }
+
+    /// Releases the mapped pages of a tensor (see [`Shard::release`]).
+    pub fn release(&self, r: TensorRef) {
+        let s = &self.shards[r.shard];
+        let t = &s.header.tensors[r.entry];
+        let start = s.header.data_start();
+        s.release(start + t.begin..start + t.end);
     }
 
     /// The shard file name a tensor lives in.

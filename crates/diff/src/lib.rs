@@ -201,6 +201,9 @@ pub fn diff(a: &Checkpoint, b: &Checkpoint, options: &Options, progress: &(dyn F
         .par_iter()
         .map(|p| {
             let t = compare(a, b, p, directions.as_ref());
+            // Done with this pair: keep the resident set from growing with the checkpoints.
+            p.a.iter().for_each(|&r| a.release(r));
+            p.b.iter().for_each(|&r| b.release(r));
             progress(p.b.map(|r| b.entry(r)).or(p.a.map(|r| a.entry(r))).map_or(0, |t| t.nbytes() as u64));
             t
         })
@@ -407,11 +410,13 @@ fn compare(a: &Checkpoint, b: &Checkpoint, p: &Pair, dirs: Option<&Directions>) 
         });
     }
     let dir = against.as_ref().map(|(_, v)| *v);
+    let release_a = p.a.map(|r| releaser(a, r));
+    let release_b = p.b.map(|r| releaser(b, r));
     let mut change = None;
     let mut b_sums = None;
-    if let (Some(ra), Some(rb), Some(lay)) = (p.a, p.b, lay)
+    if let (Some(ra), Some(rb), Some(lay), Some(rel_a), Some(rel_b)) = (p.a, p.b, lay, &release_a, &release_b)
         && matches!(status, Status::Changed | Status::DtypeChanged)
-        && let (Some(sa), Some(sb)) = (stored(a, ra), stored(b, rb))
+        && let (Some(sa), Some(sb)) = (stored(a, ra, rel_a), stored(b, rb, rel_b))
     {
         let m = sketch::measure(sa, sb, lay, dir).map_err(|problem| Error::Tensor {
             name: p.name.clone(),
@@ -422,8 +427,8 @@ fn compare(a: &Checkpoint, b: &Checkpoint, p: &Pair, dirs: Option<&Directions>) 
         b_sums = Some(m.sums);
     }
     let mut orthogonality = None;
-    if let (Some(_), Some(rb), Some(lay)) = (dir, p.b, lay)
-        && let Some(sb) = stored(b, rb)
+    if let (Some(_), Some(rb), Some(lay), Some(rel_b)) = (dir, p.b, lay, &release_b)
+        && let Some(sb) = stored(b, rb, rel_b)
     {
         let sums = match b_sums {
             Some(s) => s,
@@ -443,10 +448,22 @@ fn compare(a: &Checkpoint, b: &Checkpoint, p: &Pair, dirs: Option<&Directions>) 
     })
 }
 
-/// A float tensor's bytes; None for other dtypes, whose values are not compared.
-fn stored(c: &Checkpoint, r: TensorRef) -> Option<sketch::Stored<'_>> {
+/// A float tensor's bytes; None for other dtypes, whose values are not compared. `release` drops
+/// the mapped pages of byte ranges of it that a pass is done with.
+fn stored<'a>(
+    c: &'a Checkpoint,
+    r: TensorRef,
+    release: &'a (dyn Fn(std::ops::Range<usize>) + Sync),
+) -> Option<sketch::Stored<'a>> {
     let t = c.entry(r);
-    t.dtype.is_float().then(|| sketch::Stored { dtype: t.dtype, bytes: c.bytes(r) })
+    t.dtype.is_float().then(|| sketch::Stored { dtype: t.dtype, bytes: c.bytes(r), release: Some(release) })
+}
+
+/// Releases byte ranges of a tensor's data (relative to its first byte) in its shard's map.
+fn releaser(c: &Checkpoint, r: TensorRef) -> impl Fn(std::ops::Range<usize>) + Sync + '_ {
+    let shard = &c.shards[r.shard];
+    let base = shard.header.data_start() + c.entry(r).begin;
+    move |x: std::ops::Range<usize>| shard.release(base + x.start..base + x.end)
 }
 
 fn to_change(m: &sketch::Measured, with_direction: bool) -> Change {

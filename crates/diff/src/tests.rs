@@ -92,8 +92,8 @@ fn rank_one_update_along_the_direction_is_rank_one_and_aligned() {
     let b: Vec<f64> = rng.vec(k).iter().map(|x| 0.3 * x).collect();
     let (wa, wb) = (store(Dtype::F32, &w), store(Dtype::F32, &plus_outer(&w, k, &[(&r, &b)])));
     let m = sketch::measure(
-        Stored { dtype: Dtype::F32, bytes: &wa },
-        Stored { dtype: Dtype::F32, bytes: &wb },
+        Stored { dtype: Dtype::F32, bytes: &wa, release: None },
+        Stored { dtype: Dtype::F32, bytes: &wb, release: None },
         matrix(d, k),
         Some(&r),
     )
@@ -129,8 +129,8 @@ fn rank_two_update_in_bf16_with_a_random_sketch() {
     let va = load(Dtype::BF16, &wa);
     let wb = store(Dtype::BF16, &plus_outer(&va, k, &[(&a1, &b1), (&a2, &b2)]));
     let m = sketch::measure(
-        Stored { dtype: Dtype::BF16, bytes: &wa },
-        Stored { dtype: Dtype::BF16, bytes: &wb },
+        Stored { dtype: Dtype::BF16, bytes: &wa, release: None },
+        Stored { dtype: Dtype::BF16, bytes: &wb, release: None },
         matrix(d, k),
         Some(&r),
     )
@@ -156,8 +156,8 @@ fn an_orthogonalization_rounded_to_bf16_is_rank_one_aligned_with_the_direction()
     let minus_c: Vec<f64> = c.iter().map(|x| -x).collect();
     let (wa, wb) = (store(Dtype::BF16, &va), store(Dtype::BF16, &plus_outer(&va, k, &[(&r, &minus_c)])));
     let m = sketch::measure(
-        Stored { dtype: Dtype::BF16, bytes: &wa },
-        Stored { dtype: Dtype::BF16, bytes: &wb },
+        Stored { dtype: Dtype::BF16, bytes: &wa, release: None },
+        Stored { dtype: Dtype::BF16, bytes: &wb, release: None },
         matrix(d, k),
         Some(&r),
     )
@@ -177,8 +177,8 @@ fn rounding_alone_is_rank_zero() {
     let w = rng.vec(d * k);
     let (wa, wb) = (store(Dtype::F32, &w), store(Dtype::BF16, &w));
     let m = sketch::measure(
-        Stored { dtype: Dtype::F32, bytes: &wa },
-        Stored { dtype: Dtype::BF16, bytes: &wb },
+        Stored { dtype: Dtype::F32, bytes: &wa, release: None },
+        Stored { dtype: Dtype::BF16, bytes: &wb, release: None },
         matrix(d, k),
         None,
     )
@@ -191,6 +191,64 @@ fn rounding_alone_is_rank_zero() {
 }
 
 #[test]
+fn row_units_are_thread_count_independent() {
+    // [d, k] with d_model on axis 0: units are row ranges (many of them at the test unit size),
+    // whose per-column projections and Z add up across units.
+    let (d, k) = (96, 700);
+    let mut rng = Rng(21);
+    let w = rng.vec(d * k);
+    let r = unit(&rng.vec(d));
+    let (a1, b1, a2, b2) = (rng.vec(d), rng.vec(k), rng.vec(d), rng.vec(k));
+    let (wa, wb) = (store(Dtype::BF16, &w), store(Dtype::BF16, &plus_outer(&w, k, &[(&a1, &b1), (&a2, &b2)])));
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+            sketch::measure(
+                Stored { dtype: Dtype::BF16, bytes: &wa, release: None },
+                Stored { dtype: Dtype::BF16, bytes: &wb, release: None },
+                matrix(d, k),
+                Some(&r),
+            )
+            .unwrap()
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(4), "results must not depend on the thread count");
+    assert_eq!(one.slices[0].rank, 2);
+    let (va, vb) = (load(Dtype::BF16, &wa), load(Dtype::BF16, &wb));
+    let proj = |v: &[f64]| (0..k).map(|j| (0..d).map(|i| r[i] * v[i * k + j]).sum::<f64>().powi(2)).sum::<f64>();
+    assert!((one.sums.proj_a - proj(&va)).abs() < 1e-10 * proj(&va));
+    assert!((one.sums.proj_b - proj(&vb)).abs() < 1e-10 * proj(&vb));
+    let b_only = sketch::measure_b(Stored { dtype: Dtype::BF16, bytes: &wb, release: None }, matrix(d, k), Some(&r));
+    assert_eq!((b_only.ss_b, b_only.proj_b), (one.sums.ss_b, one.sums.proj_b));
+}
+
+#[test]
+fn passes_release_every_byte_they_read() {
+    use std::sync::Mutex;
+    let (d, k) = (64, 300);
+    let mut rng = Rng(23);
+    let w = rng.vec(d * k);
+    let wa = store(Dtype::F32, &w);
+    let wb = store(Dtype::F32, &plus_outer(&w, k, &[(&rng.vec(d), &rng.vec(k))]));
+    let released: Mutex<Vec<std::ops::Range<usize>>> = Mutex::new(Vec::new());
+    let release = |r: std::ops::Range<usize>| released.lock().unwrap().push(r);
+    let m = sketch::measure(
+        Stored { dtype: Dtype::F32, bytes: &wa, release: Some(&release) },
+        Stored { dtype: Dtype::F32, bytes: &wb, release: Some(&release) },
+        matrix(d, k),
+        None,
+    )
+    .unwrap();
+    assert_eq!(m.slices[0].rank, 1);
+    // Two passes over A and B: every byte released four times, in whole units.
+    let mut covered = vec![0u8; wa.len()];
+    for r in released.lock().unwrap().iter() {
+        covered[r.clone()].iter_mut().for_each(|c| *c += 1);
+    }
+    assert!(covered.iter().all(|&c| c == 4), "{:?}", covered.iter().position(|&c| c != 4));
+}
+
+#[test]
 fn a_dense_change_is_more_than_the_exact_range() {
     let (d, k) = (40, 50);
     let mut rng = Rng(9);
@@ -198,8 +256,8 @@ fn a_dense_change_is_more_than_the_exact_range() {
     let w2: Vec<f64> = w.iter().map(|x| x + 0.1 * rng.next()).collect();
     let (wa, wb) = (store(Dtype::F32, &w), store(Dtype::F32, &w2));
     let m = sketch::measure(
-        Stored { dtype: Dtype::F32, bytes: &wa },
-        Stored { dtype: Dtype::F32, bytes: &wb },
+        Stored { dtype: Dtype::F32, bytes: &wa, release: None },
+        Stored { dtype: Dtype::F32, bytes: &wb, release: None },
         matrix(d, k),
         None,
     )
@@ -226,8 +284,8 @@ fn embedding_layout_spans_many_units_and_is_thread_count_independent() {
     let run = |threads: usize| {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
             sketch::measure(
-                Stored { dtype: Dtype::F32, bytes: &wa },
-                Stored { dtype: Dtype::F32, bytes: &wb },
+                Stored { dtype: Dtype::F32, bytes: &wa, release: None },
+                Stored { dtype: Dtype::F32, bytes: &wb, release: None },
                 layout,
                 Some(&r),
             )
@@ -247,7 +305,7 @@ fn embedding_layout_spans_many_units_and_is_thread_count_independent() {
     assert!((one.sums.proj_a - proj(&va)).abs() <= 1e-10 * proj(&va));
     assert!(one.sums.proj_b.sqrt() < 1e-6 * one.sums.proj_a.sqrt());
     // The B-only measurement of the gate agrees with the full one.
-    let b_only = sketch::measure_b(Stored { dtype: Dtype::F32, bytes: &wb }, layout, Some(&r));
+    let b_only = sketch::measure_b(Stored { dtype: Dtype::F32, bytes: &wb, release: None }, layout, Some(&r));
     assert_eq!((b_only.ss_b, b_only.proj_b), (one.sums.ss_b, one.sums.proj_b));
 }
 
@@ -265,8 +323,8 @@ fn fused_experts_are_ranked_per_expert() {
     w2[2 * d * k..].copy_from_slice(&x2);
     let (wa, wb) = (store(Dtype::F32, &w), store(Dtype::F32, &w2));
     let m = sketch::measure(
-        Stored { dtype: Dtype::F32, bytes: &wa },
-        Stored { dtype: Dtype::F32, bytes: &wb },
+        Stored { dtype: Dtype::F32, bytes: &wa, release: None },
+        Stored { dtype: Dtype::F32, bytes: &wb, release: None },
         Layout { outer: e, rows: d, inner: k, per_outer: true },
         None,
     )

@@ -339,7 +339,7 @@ fn to_json(
         "rank_method": {
             "sketch_columns": sketch::SKETCH,
             "max_exact_rank": sketch::MAX_EXACT_RANK,
-            "noise_factor": sketch::NOISE_FACTOR,
+            "tolerance": "u(B's dtype) * sqrt(max column sum |B| * max row sum |B|), at least resolution * sigma_1",
             "resolution": sketch::RESOLUTION,
         },
         "gate": gate.map(|g| json!({
