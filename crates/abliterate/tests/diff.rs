@@ -528,3 +528,37 @@ fn gate_needs_a_direction_and_a_sane_tolerance() {
     assert_eq!(run.code, 2);
     assert_eq!(run.stderr, "error: --expect-orthogonal -1: the tolerance must be a finite number >= 0\n");
 }
+
+#[test]
+fn a_real_edit_of_smollm2_is_rank_one_along_the_direction_and_passes_the_gate() {
+    let (Some(model), Some(direction)) = (testutil::smollm2(), testutil::smollm2_direction()) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("edited");
+    let run = abliterate([
+        "edit".as_ref(),
+        model.as_os_str(),
+        "--direction".as_ref(),
+        direction.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let v = diff_json(&model, &out, &["--direction", direction.to_str().unwrap(), "--expect-orthogonal", "1e-3"]);
+    assert_eq!(v["counts"], serde_json::json!({"identical": 211, "changed": 61, "only_in_b": 1}));
+    assert_eq!(v["config_changes"], serde_json::json!([{"key": "tie_word_embeddings", "a": true, "b": false}]));
+    assert_eq!(tensor(&v, "lm_head.weight")["status"], "only_in_b");
+    for t in v["tensors"].as_array().unwrap().iter().filter(|t| t["status"] == "changed") {
+        let c = &t["change"];
+        assert_eq!(t["against"], "r", "{}", t["name"]);
+        // method.md §6, law 4: W - W' = r̂ (r̂ᵀW) has rank one, along r̂; what is left along r̂ is
+        // bf16 rounding.
+        assert_eq!((&c["rank"], &c["rank_exact"]), (&1.into(), &true.into()), "{}", t["name"]);
+        assert!(f(&c["alignment"]) > 0.9995, "{}: {c}", t["name"]);
+        assert!(f(&c["projection_ratio"]) < 5e-3, "{}: {c}", t["name"]);
+    }
+    assert_eq!(v["gate"]["passed"], true);
+    assert_eq!(v["gate"]["writers"], 61);
+    assert!(f(&v["gate"]["max"]) < 3e-4, "{}", v["gate"]);
+}

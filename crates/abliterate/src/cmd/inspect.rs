@@ -113,8 +113,12 @@ impl Info {
         let arch = c.file.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
         line(format!("{}: {}{}", model.display(), c.model_type, arch.map(|a| format!(" ({a})")).unwrap_or_default()));
         let mut dims = format!(
-            "  {} layers, hidden {}, {} heads ({} kv, head_dim {})",
-            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+            "  {}, hidden {}, {} heads ({} kv, head_dim {})",
+            count(c.num_hidden_layers, "layer"),
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim
         );
         if let Some(i) = c.intermediate_size.filter(|_| c.family != checkpoint::Family::Mixtral) {
             dims.push_str(&format!(", mlp {i}"));
@@ -141,19 +145,26 @@ impl Info {
         let torch = c.dtype.as_ref().map(|d| format!("; config dtype {d}")).unwrap_or_default();
         if ckpt.shards.len() == 1 {
             line(format!(
-                "weights: {} in `{}`, {n} tensors, {dtypes}{torch}",
+                "weights: {} in `{}`, {}, {dtypes}{torch}",
                 human_bytes(total),
-                ckpt.shards[0].file_name
+                ckpt.shards[0].file_name,
+                count(n, "tensor")
             ));
         } else {
             line(format!(
-                "weights: {} in {} shards, {n} tensors, {dtypes}{torch}",
+                "weights: {} in {} shards, {}, {dtypes}{torch}",
                 human_bytes(total),
-                ckpt.shards.len()
+                ckpt.shards.len(),
+                count(n, "tensor")
             ));
             const SHOWN: usize = 8;
             for s in ckpt.shards.iter().take(SHOWN) {
-                line(format!("  {}  {}  {} tensors", s.file_name, human_bytes(s.len()), s.header.tensors.len()));
+                line(format!(
+                    "  {}  {}  {}",
+                    s.file_name,
+                    human_bytes(s.len()),
+                    count(s.header.tensors.len(), "tensor")
+                ));
             }
             if ckpt.shards.len() > SHOWN {
                 line(format!("  ... and {} more (--json lists all)", ckpt.shards.len() - SHOWN));
@@ -161,16 +172,16 @@ impl Info {
         }
 
         let (wn, wb) = self.writers.iter().fold((0, 0), |(n, b), (_, g)| (n + g.tensors, b + g.bytes));
-        line(format!("residual writers: {wn} tensors, {}", human_bytes(wb)));
+        line(format!("residual writers: {}, {}", count(wn, "tensor"), human_bytes(wb)));
         for ((label, fused), g) in &self.writers {
             line(format!("  {label}: {}", group_text(*fused, g)));
         }
         if !self.post_norms.is_empty() {
             let layers: BTreeSet<usize> = self.post_norms.iter().map(|(_, l, _)| *l).collect();
             line(format!(
-                "post-norms: {} ({} tensors) scale each block's write by g = 1 + w",
+                "post-norms: {} ({}) scale each block's write by g = 1 + w",
                 layer_text(&layers.into_iter().collect::<Vec<_>>()),
-                self.post_norms.len()
+                count(self.post_norms.len(), "tensor")
             ));
             line("  so the edit removes ŝ = (g ⊙ r̂)/|g ⊙ r̂| of each layer from its writers (method.md §6)".into());
         }
@@ -185,8 +196,8 @@ impl Info {
         tie.for_each(|rest| line(format!("  {rest}")));
         line(format!("chat template: {}", self.template.text()));
         let mut edit = format!(
-            "edit (default options): rewrites {} tensors ({})",
-            plan.edits.len(),
+            "edit (default options): rewrites {} ({})",
+            count(plan.edits.len(), "tensor"),
             human_bytes(plan.edit_bytes())
         );
         for a in &plan.added {
@@ -333,7 +344,7 @@ fn group_text(fused: bool, g: &Group) -> String {
         if let (1, Some((name, shape))) = (g.tensors, &g.single) {
             return format!("`{name}` {shape:?} ({}, {dtypes})", human_bytes(g.bytes));
         }
-        return format!("{} tensors ({}, {dtypes})", g.tensors, human_bytes(g.bytes));
+        return format!("{} ({}, {dtypes})", count(g.tensors, "tensor"), human_bytes(g.bytes));
     }
     let per_layer: BTreeSet<usize> = g.layers.values().copied().collect();
     let mut what = layer_text(&layers);
@@ -347,8 +358,12 @@ fn group_text(fused: bool, g: &Group) -> String {
             format!(", {lo}-{hi} experts per layer")
         });
     }
-    let s = if g.tensors == 1 { "" } else { "s" };
-    format!("{what} ({} tensor{s}, {}, {dtypes})", g.tensors, human_bytes(g.bytes))
+    format!("{what} ({}, {}, {dtypes})", count(g.tensors, "tensor"), human_bytes(g.bytes))
+}
+
+/// `1 tensor`, `2 tensors`.
+fn count(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }
 
 /// `layer 3`, `layers 0-29`, `layers 0-3, 5, 7-9`.
