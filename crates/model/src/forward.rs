@@ -435,7 +435,7 @@ impl Model {
 }
 
 fn linear(x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) {
-    kernels::matmul_nt(x, rows, l.inp, &l.w, l.out, out);
+    kernels::matmul_nn(x, rows, l.inp, &l.wt, l.out, out);
     if let Some(b) = &l.bias {
         kernels::add_bias(&mut out[..rows * l.out], b);
     }

@@ -2,6 +2,8 @@
 //! of later steps, and hooks run on every step's new tokens (method.md §7: with a cache, each step sees
 //! only the new token, and cached keys and values were computed from hooked residuals).
 
+use std::ops::ControlFlow;
+
 use crate::batch::Batch;
 use crate::forward::{Logits, Model, RowCache};
 use crate::hooks::Hook;
@@ -23,6 +25,8 @@ pub enum Finish {
     Stop,
     /// It reached `max_new_tokens`.
     Length,
+    /// The caller's `on_token` asked to stop.
+    Stopped,
 }
 
 /// One prompt's continuation.
@@ -35,13 +39,15 @@ pub struct Generation {
 
 impl Model {
     /// Greedy generation for every prompt of `batch` (argmax, the first id on ties, as `torch.argmax`).
-    /// `on_token(prompt, token)` is called for each new token as soon as it is chosen, step by step.
+    /// `on_token(prompt, token)` is called for each new token as soon as it is chosen, step by step;
+    /// returning `ControlFlow::Break` ends generation for every prompt after that token (e.g. when the
+    /// reader of a stream has gone), with [`Finish::Stopped`] for those still going.
     pub fn generate(
         &self,
         batch: &Batch,
         opts: &GenerateOptions,
         hook: &mut dyn Hook,
-        on_token: &mut dyn FnMut(usize, u32),
+        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Generation>> {
         let arch = self.arch();
         if let Some(&t) = opts.stop_tokens.iter().find(|&&t| t as usize >= arch.vocab) {
@@ -71,15 +77,22 @@ impl Model {
         }
         loop {
             let mut next = Vec::with_capacity(active.len());
+            let mut stopped = false;
             for &(row, tok, pos) in &active {
                 let g = &mut out[row];
                 g.tokens.push(tok);
-                on_token(row, tok);
+                stopped |= on_token(row, tok).is_break();
                 if opts.stop_tokens.contains(&tok) {
                     g.finish = Finish::Stop;
                 } else if g.tokens.len() < opts.max_new_tokens {
                     next.push((row, tok, pos));
                 }
+            }
+            if stopped {
+                for &(row, ..) in &next {
+                    out[row].finish = Finish::Stopped;
+                }
+                return Ok(out);
             }
             if next.is_empty() {
                 return Ok(out);

@@ -13,8 +13,19 @@ use crate::arch::{Activation, ScoreScale};
 /// Rows per rayon task in element-wise loops (keeps task overhead negligible for small batches).
 const MIN_ROWS: usize = 8;
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (a `nn.Linear` weight is `[out, in]`).
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (a `nn.Linear` weight as stored, `[out, in]`; the LM head).
 pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    gemm_f32(x, m, k, w, n, out, k, 1);
+}
+
+/// `out[m, n] = x[m, k] · wt[k, n]` (a transposed weight, `[in, out]`).
+pub fn matmul_nn(x: &[f32], m: usize, k: usize, wt: &[f32], n: usize, out: &mut [f32]) {
+    gemm_f32(x, m, k, wt, n, out, 1, n);
+}
+
+/// `out = x · B` where `B[kk, j] = w[j * cs + kk * rs]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], cs: usize, rs: usize) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul operand sizes (caller invariant)");
     if m == 0 || n == 0 {
         return;
@@ -26,7 +37,8 @@ pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [
     let threads = rayon::current_num_threads();
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above bound every index gemm touches: dst is m×n row-major (row stride n),
-    // lhs m×k row-major, rhs is wᵀ (k×n) read through w's [n, k] layout (row stride 1, column stride k).
+    // lhs m×k row-major, rhs k×n with element (kk, j) at j * cs + kk * rs, which is below n * k for the
+    // two layouts used ([n, k]: cs = k, rs = 1; [k, n]: cs = 1, rs = n).
     unsafe {
         gemm::gemm(
             m,
@@ -40,8 +52,8 @@ pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [
             1,
             k as isize,
             w.as_ptr(),
-            k as isize,
-            1,
+            cs as isize,
+            rs as isize,
             0.0f32,
             1.0f32,
             false,
@@ -290,6 +302,33 @@ mod tests {
                 assert_eq!(out[i * n + j], want, "({i}, {j})");
             }
         }
+    }
+
+    #[test]
+    fn both_weight_layouts_agree_and_the_thread_count_changes_nothing() {
+        let (m, k, n) = (37, 300, 200);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729) % 997) as f32 / 997.0 - 0.5).collect();
+        let mut wt = vec![0f32; n * k];
+        for j in 0..n {
+            for l in 0..k {
+                wt[l * n + j] = w[j * k + l];
+            }
+        }
+        let run = |threads: usize, transposed: bool| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![0f32; m * n];
+            pool.install(|| {
+                if transposed { matmul_nn(&x, m, k, &wt, n, &mut out) } else { matmul_nt(&x, m, k, &w, n, &mut out) }
+            });
+            out
+        };
+        let one = run(1, true);
+        assert_eq!(run(2, true), one, "thread count");
+        assert_eq!(run(3, true), one, "thread count");
+        let nt = run(2, false);
+        let diff = one.iter().zip(&nt).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{diff}");
     }
 
     #[test]

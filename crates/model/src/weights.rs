@@ -1,15 +1,17 @@
 //! Every tensor the forward pass reads, decoded once from the checkpoint's stored dtype to f32 (exact for
-//! bf16, f16 and f32) and checked against the shape config.json implies. q/k/v and gate/up are stored
-//! fused (one matrix product each); Gemma's norm gains `1 + w` are formed here, in f32, as transformers does.
+//! bf16, f16 and f32) and checked against the shape config.json implies. Projection weights are stored
+//! transposed, `[in, out]`: `gemm` then streams them without repacking on every call, which makes small
+//! batches (generation steps) about twice as fast (docs/benchmarks.md). q/k/v and gate/up are fused (one
+//! matrix product each); Gemma's norm gains `1 + w` are formed here, in f32, as transformers does.
 
 use checkpoint::{Checkpoint, Family, dtype};
 
 use crate::arch::{Arch, NormKind};
 use crate::{ModelError, Result};
 
-/// A linear layer, `nn.Linear` layout: `w` is `[out, inp]`.
+/// A linear layer `y = x Wᵀ + b`, with `wt = Wᵀ` stored `[inp, out]` (transformers stores `W` as `[out, inp]`).
 pub struct Linear {
-    pub w: Vec<f32>,
+    pub wt: Vec<f32>,
     pub out: usize,
     pub inp: usize,
     pub bias: Option<Vec<f32>>,
@@ -118,24 +120,28 @@ impl Loader<'_> {
         Ok(w)
     }
 
-    /// Stacks several `[rows_i, inp]` matrices (and optional biases) into one `Linear`.
+    /// Stacks several `[rows_i, inp]` matrices (and optional biases) into one `Linear` (output columns
+    /// in the order given), transposed.
     fn stacked(&self, parts: &[(&str, usize)], inp: usize, bias: bool) -> Result<Linear> {
         let out: usize = parts.iter().map(|p| p.1).sum();
-        let mut w = vec![0f32; out * inp];
+        let mut wt = vec![0f32; out * inp];
         let mut b = bias.then(|| vec![0f32; out]);
-        let mut row = 0;
+        let mut col = 0;
+        let mut part = Vec::new();
         for (name, rows) in parts {
-            self.read_into(
-                &self.full(&format!("{name}.weight")),
-                &[*rows, inp],
-                &mut w[row * inp..(row + rows) * inp],
-            )?;
-            if let Some(b) = &mut b {
-                self.read_into(&self.full(&format!("{name}.bias")), &[*rows], &mut b[row..row + rows])?;
+            part.resize(rows * inp, 0.0);
+            self.read_into(&self.full(&format!("{name}.weight")), &[*rows, inp], &mut part)?;
+            for (r, row) in part.chunks_exact(inp).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    wt[i * out + col + r] = *v;
+                }
             }
-            row += rows;
+            if let Some(b) = &mut b {
+                self.read_into(&self.full(&format!("{name}.bias")), &[*rows], &mut b[col..col + rows])?;
+            }
+            col += rows;
         }
-        Ok(Linear { w, out, inp, bias: b })
+        Ok(Linear { wt, out, inp, bias: b })
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {

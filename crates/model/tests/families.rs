@@ -88,7 +88,8 @@ fn check(family: &str) {
 
         // Greedy continuation without stopping (the reference never stops at EOS).
         let opts = GenerateOptions { max_new_tokens: 8, stop_tokens: vec![] };
-        let generated = model.generate(&batch, &opts, &mut NoHook, &mut |_, _| {}).unwrap();
+        let generated =
+            model.generate(&batch, &opts, &mut NoHook, &mut |_, _| std::ops::ControlFlow::Continue(())).unwrap();
         for (k, g) in generated.iter().enumerate() {
             assert_eq!(g.tokens, ids(r.i32(&format!("generated_{k}")).1), "{what}: greedy tokens of prompt {k}");
         }
@@ -129,3 +130,35 @@ macro_rules! families {
 }
 
 families!(llama, llama_bias, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, mixtral, qwen2_moe, qwen3_moe);
+
+/// Generation ends at a stop token (included, as transformers returns it) or when the caller asks.
+#[test]
+fn generation_stops_at_stop_tokens_and_when_asked() {
+    use std::ops::ControlFlow;
+    let r = Reference::open(&testutil::fixtures().join("reference/llama.safetensors"));
+    let model = Model::open(&testutil::fixtures().join("models/llama/f32")).unwrap();
+    let prompt = ids(r.i32("input_ids_0").1);
+    let want = ids(r.i32("generated_0").1);
+    let batch = Batch::new(&[prompt]).unwrap();
+    let third = want[2];
+    let first_third = want.iter().position(|&t| t == third).unwrap();
+    let opts = GenerateOptions { max_new_tokens: 8, stop_tokens: vec![third] };
+    let g = model.generate(&batch, &opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(())).unwrap();
+    assert_eq!(g[0].tokens, want[..=first_third].to_vec());
+    assert_eq!(g[0].finish, model::Finish::Stop);
+    let opts = GenerateOptions { max_new_tokens: 8, stop_tokens: vec![] };
+    let mut seen = 0;
+    let g = model
+        .generate(&batch, &opts, &mut NoHook, &mut |_, _| {
+            seen += 1;
+            if seen == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        })
+        .unwrap();
+    assert_eq!((g[0].tokens.clone(), g[0].finish), (want[..2].to_vec(), model::Finish::Stopped));
+    let opts = GenerateOptions { max_new_tokens: 0, stop_tokens: vec![] };
+    let g = model.generate(&batch, &opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(())).unwrap();
+    assert!(g[0].tokens.is_empty());
+    let opts = GenerateOptions { max_new_tokens: 1, stop_tokens: vec![512] };
+    let e = model.generate(&batch, &opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(())).unwrap_err();
+    assert_eq!(e.to_string(), "stop token 512 is outside the vocabulary of 512 ids");
+}

@@ -79,7 +79,10 @@ fn greedy_completions_match_transformers_for_10_chat_prompts() {
     let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); 10];
     let got = f
         .model
-        .generate(&Batch::new(&prompts).unwrap(), &opts, &mut NoHook, &mut |row, tok| streamed[row].push(tok))
+        .generate(&Batch::new(&prompts).unwrap(), &opts, &mut NoHook, &mut |row, tok| {
+            streamed[row].push(tok);
+            std::ops::ControlFlow::Continue(())
+        })
         .unwrap();
     let (_, want) = f.reference.i32("greedy.tokens");
     for (r, g) in got.iter().enumerate() {
