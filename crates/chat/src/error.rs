@@ -6,8 +6,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong loading a tokenizer and chat template, rendering, or tokenizing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`{}`: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // `cause`, not `source`: the message already includes it, and the CLI prints the whole chain.
+    #[error("`{}`: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("`{}` not found: MODEL must be a Hugging Face model directory with the model's tokenizer", path.display())]
     NoTokenizer { path: PathBuf },
     #[error("`{}`: not valid JSON: {message}", path.display())]

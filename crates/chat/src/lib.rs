@@ -146,7 +146,7 @@ impl Chat {
         let tokenizer = tokenizer::load(dir, &config)?;
         let (source, origin) = match &options.template_file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.clone(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|cause| Error::Io { path: path.clone(), cause })?;
                 (text, format!("`{}`", path.display()))
             }
             None => {
