@@ -610,3 +610,184 @@ fn checkpoint_errors_reach_the_user_unchanged() {
          config.json (hidden_size 64, intermediate_size 128)\n",
     );
 }
+
+/// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`, transformers 4.50 layout):
+/// the text model under `language_model.model.`, a vision tower, and the text settings in
+/// `text_config` (where transformers reads `tie_word_embeddings`).
+fn multimodal_gemma3(parent: &Path) -> PathBuf {
+    let src = util::fixture("models/gemma3/bf16");
+    let dir = parent.join("gemma3-mm");
+    std::fs::create_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let mut tensors: Vec<synth::Tensor> = ckpt
+        .tensors()
+        .map(|(_, t)| synth::Tensor {
+            name: t.name.replacen("model.", "language_model.model.", 1),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            values: ckpt.read_f32(&t.name).unwrap().iter().map(|v| *v as f64).collect(),
+        })
+        .collect();
+    tensors.push(synth::Tensor::random(
+        "vision_tower.vision_model.embeddings.patch_embedding.weight",
+        Dtype::BF16,
+        &[8, 3, 2, 2],
+        11,
+        0.1,
+    ));
+    tensors.push(synth::Tensor::random(
+        "multi_modal_projector.mm_input_projection_weight",
+        Dtype::BF16,
+        &[8, 64],
+        12,
+        0.1,
+    ));
+    synth::write_safetensors(&dir.join("model.safetensors"), None, &tensors);
+    let mut text: serde_json::Map<String, Value> =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    text.remove("tie_word_embeddings"); // Gemma's default: tied
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+    });
+    synth::write_config(&dir, &config);
+    dir
+}
+
+#[test]
+fn multimodal_gemma3_is_untied_where_transformers_reads_it() {
+    let t = Setup::new(multimodal_gemma3);
+    let out = t.out("out");
+    ok(&t.edit(&out, &[]));
+    let changed = synth::assert_same_layout(&t.model, &out);
+    assert_eq!(changed.len(), 5, "embedding, 2 o_proj, 2 down_proj; the vision tower untouched: {changed:?}");
+    assert!(changed.iter().all(|n| n.starts_with("language_model.model.")));
+    let edited = Checkpoint::open(&out).unwrap();
+    let (rh, _) = edited.get("language_model.lm_head.weight").expect("the head sits beside the text model");
+    let input = Checkpoint::open(&t.model).unwrap();
+    let (re, _) = input.get("language_model.model.embed_tokens.weight").unwrap();
+    assert_eq!(edited.bytes(rh), input.bytes(re));
+    let cfg: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["text_config"]["tie_word_embeddings"], false);
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert!(!edited.tied());
+    // The post-norm writers were edited against the gain-weighted direction.
+    let m = manifest(&out);
+    let against: Vec<&str> = m["edited"].as_array().unwrap().iter().map(|l| l["against"].as_str().unwrap()).collect();
+    assert_eq!(against.iter().filter(|a| a.starts_with("gain-weighted by `language_model.model.layers.")).count(), 4);
+}
+
+#[test]
+fn a_hugging_face_cache_snapshot_of_links_is_read_through_and_protected() {
+    let t = Setup::new(|p| {
+        // hub/models--x/{blobs/<hash>, snapshots/<rev>/<name> -> ../../blobs/<hash>}
+        let src = synth::llama(p, Dtype::BF16, true);
+        let repo = p.join("hub/models--x");
+        let (blobs, snap) = (repo.join("blobs"), repo.join("snapshots/0123abcd"));
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::create_dir_all(&snap).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            let bytes = std::fs::read(e.path()).unwrap();
+            let hash = edit::direction::sha256_hex(&bytes);
+            std::fs::write(blobs.join(&hash), bytes).unwrap();
+            std::os::unix::fs::symlink(format!("../../blobs/{hash}"), snap.join(e.file_name())).unwrap();
+        }
+        std::fs::remove_dir_all(&src).unwrap();
+        snap
+    });
+    let out = t.out("out");
+    ok(&t.edit(&out, &[]));
+    assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5);
+    for e in std::fs::read_dir(&out).unwrap() {
+        let e = e.unwrap();
+        assert!(e.file_type().unwrap().is_file(), "{:?} is a regular file, not a link", e.file_name());
+    }
+    // --force onto the blobs folder would delete what the snapshot links to.
+    let blobs = t.tmp.path().join("hub/models--x/blobs");
+    let r = t.edit(&blobs, &["--force"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.starts_with(&format!("error: output `{}` contains the input `{}", blobs.display(), t.model.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.ends_with("`, so replacing it would delete the model; choose another -o\n"), "{}", r.stderr);
+}
+
+#[test]
+fn editing_an_edited_model_keeps_the_history() {
+    let t = Setup::tied_llama();
+    let once = t.out("once");
+    ok(&t.edit(&once, &[]));
+    let twice = t.out("twice");
+    let r = abliterate(["edit", s(&once), "--direction", s(&t.direction), "-o", s(&twice), "--scale", "0.5"]);
+    ok(&r);
+    let m = manifest(&twice);
+    assert_eq!(m["previous_edit"], manifest(&once), "the first manifest travels inside the second");
+    assert_eq!(m["tie"], "not_tied", "already untied by the first edit");
+    assert!(!m["inputs"].as_array().unwrap().iter().any(|f| f["path"] == "abliterate.json"));
+}
+
+#[test]
+fn a_killed_run_leaves_no_output_and_its_leftovers_are_cleaned_later() {
+    // Big enough (~45 MB) that the run is still writing when it is killed.
+    let t = Setup::new(|p| {
+        let dir = p.join("big");
+        std::fs::create_dir(&dir).unwrap();
+        let (d, ff, v) = (512, 2048, 8192);
+        let mut config = synth::llama_config(true);
+        config["hidden_size"] = d.into();
+        config["intermediate_size"] = ff.into();
+        config["vocab_size"] = v.into();
+        config["num_hidden_layers"] = 4.into();
+        config["num_attention_heads"] = 8.into();
+        config["num_key_value_heads"] = 8.into();
+        synth::write_config(&dir, &config);
+        let mut tensors = vec![synth::Tensor::random("model.embed_tokens.weight", Dtype::BF16, &[v, d], 1, 1.0)];
+        for l in 0..4 {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            for (name, shape) in [
+                ("input_layernorm.weight", vec![d]),
+                ("self_attn.q_proj.weight", vec![d, d]),
+                ("self_attn.k_proj.weight", vec![d, d]),
+                ("self_attn.v_proj.weight", vec![d, d]),
+                ("self_attn.o_proj.weight", vec![d, d]),
+                ("post_attention_layernorm.weight", vec![d]),
+                ("mlp.gate_proj.weight", vec![ff, d]),
+                ("mlp.up_proj.weight", vec![ff, d]),
+                ("mlp.down_proj.weight", vec![d, ff]),
+            ] {
+                tensors.push(synth::Tensor::random(&p(name), Dtype::BF16, &shape, l as u64 + 2, 0.1));
+            }
+        }
+        tensors.push(synth::Tensor::random("model.norm.weight", Dtype::BF16, &[d], 9, 0.1));
+        synth::write_safetensors(&dir.join("model.safetensors"), None, &tensors);
+        dir
+    });
+    let direction = t.tmp.path().join("d512.safetensors");
+    let values: Vec<f64> = (0..512).map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0).collect();
+    edit::direction::write(&direction, &values, Dtype::F32, &Default::default()).unwrap();
+    let out = t.out("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_abliterate"))
+        .args(["edit", s(&t.model), "--direction", s(&direction), "-o", s(&out)])
+        .spawn()
+        .unwrap();
+    let temp = t.tmp.path().join(format!(".out.abliterate-tmp-{}", child.id()));
+    let started = std::time::Instant::now();
+    while !temp.join("model.safetensors").exists() {
+        assert!(started.elapsed().as_secs() < 60, "the run never started writing");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists(), "a killed run leaves no OUT");
+    assert!(temp.exists(), "(SIGKILL cannot be cleaned up after)");
+    // The next run removes the dead run's temporary directory and succeeds.
+    let r = abliterate(["edit", s(&t.model), "--direction", s(&direction), "-o", s(&out)]);
+    ok(&r);
+    assert!(!temp.exists(), "stale temporary directory removed");
+}

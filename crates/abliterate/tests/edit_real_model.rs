@@ -68,6 +68,7 @@ fn real_model_edit_matches_an_independent_computation() {
     let (mut exact, mut one_ulp, mut total) = (0usize, 0usize, 0usize);
     let mut writers = Vec::new();
     let mut ratios = Vec::new();
+    let mut rows: Vec<(Option<usize>, String, String)> = Vec::new();
     for (r, t) in input.tensors() {
         let Role::Writer(w) = input.role(r) else { continue };
         writers.push(t.name.clone());
@@ -121,16 +122,20 @@ fn real_model_edit_matches_an_independent_computation() {
             );
         }
         ratios.push(pa / pb);
-        writeln!(
-            table,
+        let row = format!(
             "| `{}` | {:?} | {pb:.4} | {pa:.3e} | {:.2e} | {:.3e} | {:.3e} | {max_change:.3e} |",
             t.name,
             t.shape,
             pa / pb,
             pb / frob,
             pa / frob
-        )
-        .unwrap();
+        );
+        rows.push((w.layer, w.kind.label().to_string(), row));
+    }
+    // Embedding first, then by layer, attention before MLP.
+    rows.sort();
+    for (_, _, row) in &rows {
+        writeln!(table, "{row}").unwrap();
     }
     // Every other byte is identical, and exactly the writers changed.
     let mut changed = synth::assert_same_layout(&model, &out);

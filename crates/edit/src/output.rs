@@ -76,9 +76,12 @@ impl OutputTarget {
             }
         };
         std::fs::create_dir_all(&parent).map_err(not_writable)?;
-        let mut name = OsString::from(".");
-        name.push(self.name());
-        name.push(format!(".abliterate-tmp-{}", std::process::id()));
+        let mut prefix = OsString::from(".");
+        prefix.push(self.name());
+        prefix.push(".abliterate-tmp-");
+        remove_stale(&parent, &prefix.to_string_lossy());
+        let mut name = prefix.clone();
+        name.push(std::process::id().to_string());
         let path = parent.join(name);
         if std::fs::symlink_metadata(&path).is_ok() {
             // Left by a killed run with our pid (pids are reused): it is ours to replace.
@@ -138,6 +141,19 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(p) = self.path.take() {
             let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Removes temporary directories of this OUT left by killed runs (their process no longer exists;
+/// a run that is still going keeps its own).
+fn remove_stale(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }
