@@ -1,5 +1,306 @@
-//! (being built)
+//! `cargo xtask bench forward`: the `model` runtime against transformers/PyTorch on the CPU, on the real
+//! test model (SmolLM2-135M-Instruct, float32), same machine, same thread count.
+//!
+//! - Prompt processing: 128 chat prompts (`harmless_val[:128]` of the paper's splits, the model's chat
+//!   template with the generation prompt) in 4 batches of 32. PyTorch runs `model(**batch)` on left-padded
+//!   batches (all-position logits); we run the packed batches with all-position logits too (the same
+//!   output), and also with last-position logits only (what `find` needs). Tokens/s counts real tokens.
+//! - Generation: the first 32 prompts in one batch, greedy, exactly 64 new tokens each (`model.generate`
+//!   with `min_new_tokens = max_new_tokens = 64`; ours with no stop ids). New tokens/s.
+//! - Achieved GFLOP/s (useful work: projections, attention over real keys, the LM head rows computed)
+//!   against the machine's f32 matmul peak, measured here with a 2048³ gemm (ours) and `torch.matmul`.
+//!
+//! Each timing is the best of `--runs` runs after a warm-up (the machine may be shared). The PyTorch side is
+//! `crates/model/benches/torch_forward.py`, run with `$BENCH_PYTHON` (default `/work/pyenv/venv/bin/python`).
+//! Options: `--model DIR` (default: the test model under `target/test-models/`, built from `../shared` if
+//! absent), `--threads 2`, `--runs 2`, `--no-torch`. Prints a Markdown table for docs/benchmarks.md.
 
-pub fn run(_args: &[&str]) -> anyhow::Result<()> {
-    anyhow::bail!("`bench_forward` is not built yet")
+use std::fmt::Write as _;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use model::{Arch, Batch, GenerateOptions, Logits, Model, NoHook};
+use serde_json::Value;
+
+struct Opts {
+    model: PathBuf,
+    threads: usize,
+    runs: usize,
+    torch: bool,
+}
+
+fn parse(args: &[&str], root: &Path) -> Result<Opts> {
+    let mut o = Opts { model: root.join("target/test-models/smollm2-135m-instruct"), threads: 2, runs: 2, torch: true };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--model" => o.model = PathBuf::from(it.next().context("--model needs a directory")?),
+            "--threads" => o.threads = it.next().context("--threads needs a number")?.parse()?,
+            "--runs" => o.runs = it.next().context("--runs needs a number")?.parse()?,
+            "--no-torch" => o.torch = false,
+            other => bail!("unknown option `{other}`; see xtask/src/bench_forward.rs"),
+        }
+    }
+    ensure!(o.threads > 0 && o.runs > 0, "--threads and --runs must be positive");
+    Ok(o)
+}
+
+/// Best of `runs` timings after one warm-up.
+fn best(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = f64::INFINITY;
+    for _ in 0..runs {
+        let s = Instant::now();
+        f()?;
+        t = t.min(s.elapsed().as_secs_f64());
+    }
+    Ok(t)
+}
+
+/// Useful floating-point work of one token at position `pos` (0-based) through every layer: the
+/// projections (2 flops per weight) and attention (q·k and the weighted sum over `pos + 1` keys).
+fn token_flops(a: &Arch, pos: usize) -> f64 {
+    let d = a.hidden as f64;
+    let q = (a.heads * a.head_dim) as f64;
+    let qkv = a.qkv_width() as f64;
+    let ff = a.intermediate.unwrap_or(0) as f64;
+    let keys = a.attention.iter().map(|k| k.window.map_or(pos + 1, |w| (pos + 1).min(w)) as f64).sum::<f64>();
+    a.layers as f64 * 2.0 * (d * qkv + q * d + 3.0 * d * ff) + 4.0 * q * keys
+}
+
+fn head_flops(a: &Arch) -> f64 {
+    2.0 * (a.hidden * a.vocab) as f64
+}
+
+/// f32 matmul throughput of the gemm kernels the runtime uses: a 2048³ product, best of 5.
+fn matmul_peak() -> Result<f64> {
+    let n = 2048;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let b = a.clone();
+    let mut c = vec![0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let t = best(5, || {
+        // SAFETY: three n×n row-major buffers, indices within n*n.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+            )
+        };
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / t / 1e9)
+}
+
+fn python() -> Option<String> {
+    let py = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| "/work/pyenv/venv/bin/python".into());
+    let ok = Command::new(&py).args(["-c", "import torch, transformers"]).output().is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let simd = if flags.contains(" avx512f") {
+        "AVX-512"
+    } else if flags.contains(" avx2") {
+        "AVX2"
+    } else {
+        "no AVX2"
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {cores} cores, {simd}")
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
+    let o = parse(args, &root)?;
+    rayon::ThreadPoolBuilder::new().num_threads(o.threads).build_global().context("rayon thread pool")?;
+    let shared = root.join("../shared");
+    if !o.model.join("config.json").is_file() {
+        let script = shared.join("models/build-smollm2.sh");
+        ensure!(script.is_file(), "`{}` is absent and so is `{}`; pass --model", o.model.display(), script.display());
+        let ok = Command::new("bash").arg(&script).arg(&o.model).status()?.success();
+        ensure!(ok, "build-smollm2.sh failed");
+    }
+    let prompts_json = shared.join("datasets/refusal_direction/splits/harmless_val.json");
+    let data: Value = serde_json::from_slice(
+        &std::fs::read(&prompts_json).with_context(|| format!("reading `{}`", prompts_json.display()))?,
+    )?;
+    let chat = chat::Chat::load(&o.model)?;
+    let mut prompts = Vec::new();
+    for item in data.as_array().context("a JSON array of prompts")?.iter().take(128) {
+        prompts.push(chat.prompt_ids(item["instruction"].as_str().context("`instruction`")?, None)?);
+    }
+    ensure!(prompts.len() == 128, "fewer than 128 prompts in `{}`", prompts_json.display());
+    let start_load = load();
+
+    // PyTorch first (it also checks that both sides tokenize alike).
+    let torch = match (o.torch, python()) {
+        (true, Some(py)) => {
+            let out = root.join("target/bench-forward-torch.json");
+            eprintln!("PyTorch: running crates/model/benches/torch_forward.py (several minutes)");
+            let ok = Command::new(&py)
+                .arg(root.join("crates/model/benches/torch_forward.py"))
+                .arg(&o.model)
+                .arg(&prompts_json)
+                .arg(&out)
+                .arg(o.threads.to_string())
+                .status()?
+                .success();
+            ensure!(ok, "torch_forward.py failed");
+            let v: Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+            let theirs: Vec<Vec<u32>> = serde_json::from_value(v["prompts"].clone())?;
+            ensure!(theirs == prompts, "transformers and the chat crate tokenized the prompts differently");
+            Some(v["torch"].clone())
+        }
+        (true, None) => {
+            eprintln!("PyTorch: no python with torch and transformers ($BENCH_PYTHON); skipping it");
+            None
+        }
+        (false, _) => None,
+    };
+
+    let model = Model::open(&o.model)?;
+    let a = model.arch().clone();
+    let batches: Vec<Batch> = prompts.chunks(32).map(Batch::new).collect::<Result<_, _>>()?;
+    let real: usize = prompts.iter().map(Vec::len).sum();
+
+    eprintln!("abliterate: prompt processing");
+    let prompt_all = best(o.runs, || {
+        for b in &batches {
+            std::hint::black_box(model.forward(b, Logits::All, &mut NoHook)?);
+        }
+        Ok(())
+    })?;
+    let prompt_last = best(o.runs, || {
+        for b in &batches {
+            std::hint::black_box(model.forward(b, Logits::Last, &mut NoHook)?);
+        }
+        Ok(())
+    })?;
+    eprintln!("abliterate: generation");
+    let gen_batch = Batch::new(&prompts[..32])?;
+    let gen_opts = GenerateOptions { max_new_tokens: 64, stop_tokens: vec![] };
+    let generate = best(o.runs, || {
+        let g = model.generate(&gen_batch, &gen_opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(()))?;
+        ensure!(g.iter().all(|g| g.tokens.len() == 64), "every prompt gets 64 new tokens");
+        Ok(())
+    })?;
+    eprintln!("abliterate: matmul peak");
+    let peak = matmul_peak()?;
+
+    // Useful work.
+    let body: f64 = prompts.iter().map(|p| (0..p.len()).map(|i| token_flops(&a, i)).sum::<f64>()).sum();
+    let flops_all = body + real as f64 * head_flops(&a);
+    let flops_last = body + prompts.len() as f64 * head_flops(&a);
+    let gen_flops: f64 = prompts[..32]
+        .iter()
+        .map(|p| (0..p.len() + 63).map(|i| token_flops(&a, i)).sum::<f64>() + 64.0 * head_flops(&a))
+        .sum();
+
+    let mut t = String::new();
+    writeln!(
+        t,
+        "Machine: {}; {} threads. Load average at start: {start_load}; at end: {}.",
+        machine(),
+        o.threads,
+        load()
+    )?;
+    writeln!(t, "Model: `{}` (float32). Best of {} runs after a warm-up.", o.model.display(), o.runs)?;
+    writeln!(t)?;
+    writeln!(t, "| | PyTorch (transformers, eager) | abliterate `model` | ratio |")?;
+    writeln!(t, "|---|---|---|---|")?;
+    let tp = |secs: f64, n: usize| n as f64 / secs;
+    let (tp_all, tp_last, tp_gen) = (tp(prompt_all, real), tp(prompt_last, real), tp(generate, 32 * 64));
+    match &torch {
+        Some(v) => {
+            let ps = v["prompt_seconds"].as_f64().context("prompt_seconds")?;
+            let gs = v["generate_seconds"].as_f64().context("generate_seconds")?;
+            let padded = v["padded_tokens"].as_u64().unwrap_or(0);
+            let (pt, gt) = (tp(ps, real), tp(gs, 32 * 64));
+            writeln!(
+                t,
+                "| prompt processing, 128 prompts ({real} tokens; PyTorch pads to {padded}), all-position logits | {pt:.0} tokens/s | {tp_all:.0} tokens/s | **{:.2}x** |",
+                tp_all / pt
+            )?;
+            writeln!(
+                t,
+                "| prompt processing, last-position logits only (what `find` uses) | | {tp_last:.0} tokens/s | {:.2}x |",
+                tp_last / pt
+            )?;
+            writeln!(
+                t,
+                "| greedy generation, 32 prompts x 64 new tokens | {gt:.1} new tokens/s | {tp_gen:.1} new tokens/s | **{:.2}x** |",
+                tp_gen / gt
+            )?;
+            writeln!(
+                t,
+                "| useful GFLOP/s: prompts (all logits) / generation | {:.1} / {:.1} | {:.1} / {:.1} | |",
+                flops_all / ps / 1e9,
+                gen_flops / gs / 1e9,
+                flops_all / prompt_all / 1e9,
+                gen_flops / generate / 1e9
+            )?;
+            writeln!(
+                t,
+                "| f32 matmul peak (2048³) | {:.1} GFLOP/s (`torch.matmul`) | {peak:.1} GFLOP/s (`gemm`) | |",
+                v["matmul_2048_gflops"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
+        None => {
+            writeln!(t, "| prompt processing, all-position logits | | {tp_all:.0} tokens/s | |")?;
+            writeln!(t, "| prompt processing, last-position logits | | {tp_last:.0} tokens/s | |")?;
+            writeln!(t, "| greedy generation, 32 x 64 | | {tp_gen:.1} new tokens/s | |")?;
+            writeln!(
+                t,
+                "| useful GFLOP/s: prompts / generation | | {:.1} / {:.1} | |",
+                flops_all / prompt_all / 1e9,
+                gen_flops / generate / 1e9
+            )?;
+            writeln!(t, "| f32 matmul peak (2048³) | | {peak:.1} GFLOP/s | |")?;
+        }
+    }
+    writeln!(t)?;
+    writeln!(
+        t,
+        "Share of the matmul peak: prompts {:.0}% (all logits), {:.0}% (last only); generation {:.0}%.",
+        100.0 * flops_all / prompt_all / 1e9 / peak,
+        100.0 * flops_last / prompt_last / 1e9 / peak,
+        100.0 * gen_flops / generate / 1e9 / peak
+    )?;
+    println!("{t}");
+    Ok(())
 }

@@ -46,10 +46,12 @@ impl Forward {
     }
 }
 
-/// A model loaded for inference: its architecture and f32 weights.
+/// A model loaded for inference: its architecture, its f32 weights, and the checkpoint (memory-mapped;
+/// token embeddings are read from it row by row).
 pub struct Model {
     arch: Arch,
     w: Weights,
+    ckpt: Checkpoint,
 }
 
 /// Keys and values of one prompt, per layer: `[positions, kv_heads * head_dim]` each.
@@ -97,20 +99,25 @@ fn resize(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 impl Model {
     /// Opens a model directory and loads it.
     pub fn open(dir: &Path) -> Result<Model> {
-        Model::load(&Checkpoint::open(dir)?)
+        Model::load(Checkpoint::open(dir)?)
     }
 
-    /// Converts a checkpoint's weights to f32.
-    pub fn load(ckpt: &Checkpoint) -> Result<Model> {
+    /// Converts a checkpoint's weights to f32 (the embedding stays in the memory map).
+    pub fn load(ckpt: Checkpoint) -> Result<Model> {
         // transformers ties the head to the embedding whenever the config says so (a stored lm_head is
         // then ignored); an untied config without lm_head.weight fails at load.
         let arch = Arch::from_config(&ckpt.config, ckpt.config.tie_word_embeddings, &ckpt.dir.join("config.json"))?;
-        let w = Weights::load(ckpt, &arch)?;
-        Ok(Model { arch, w })
+        let w = Weights::load(&ckpt, &arch)?;
+        Ok(Model { arch, w, ckpt })
     }
 
     pub fn arch(&self) -> &Arch {
         &self.arch
+    }
+
+    /// The checkpoint the model was loaded from.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
     }
 
     /// The residual entering layer 0 (`x^(0)`, after any embedding scale): `[tokens, hidden]`.
@@ -130,11 +137,13 @@ impl Model {
         }
         let mut x = vec![0f32; batch.tokens().len() * d];
         let scale = self.arch.embed_scale;
+        let dtype = self.w.embed_dtype;
+        let size = dtype.float_size().expect("Weights::load checked the embedding is a float tensor");
+        let bytes = self.ckpt.bytes(self.w.embed);
         x.par_chunks_mut(d).zip(batch.tokens().par_iter()).with_min_len(16).for_each(|(row, &t)| {
-            let e = &self.w.embed[t as usize * d..][..d];
-            match scale {
-                Some(s) => row.iter_mut().zip(e).for_each(|(r, e)| *r = e * s),
-                None => row.copy_from_slice(e),
+            checkpoint::dtype::decode_f32(dtype, &bytes[t as usize * d * size..][..d * size], row);
+            if let Some(s) = scale {
+                row.iter_mut().for_each(|r| *r *= s);
             }
         });
         Ok(x)
@@ -426,7 +435,7 @@ impl Model {
             kernels::rms_norm_row(&x[r * d..(r + 1) * d], &self.w.final_norm, self.arch.norm_eps, o)
         });
         let mut logits = vec![0f32; rows.len() * vocab];
-        kernels::matmul_nt(&h, rows.len(), d, self.w.lm_head(), vocab, &mut logits);
+        kernels::matmul_nn(&h, rows.len(), d, &self.w.lm_head_t, vocab, &mut logits);
         if let Some(cap) = self.arch.final_softcap {
             logits.par_iter_mut().with_min_len(4096).for_each(|z| *z = kernels::softcap(*z, cap));
         }

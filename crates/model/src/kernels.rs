@@ -13,7 +13,9 @@ use crate::arch::{Activation, ScoreScale};
 /// Rows per rayon task in element-wise loops (keeps task overhead negligible for small batches).
 const MIN_ROWS: usize = 8;
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (a `nn.Linear` weight as stored, `[out, in]`; the LM head).
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (a `nn.Linear` weight as stored, `[out, in]`). The runtime stores
+/// weights transposed and uses [`matmul_nn`]; this layout serves as the tests' reference.
+#[cfg(test)]
 pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     gemm_f32(x, m, k, w, n, out, k, 1);
 }

@@ -4,7 +4,7 @@
 //! batches (generation steps) about twice as fast (docs/benchmarks.md). q/k/v and gate/up are fused (one
 //! matrix product each); Gemma's norm gains `1 + w` are formed here, in f32, as transformers does.
 
-use checkpoint::{Checkpoint, Family, dtype};
+use checkpoint::{Checkpoint, Dtype, Family, TensorRef, dtype};
 
 use crate::arch::{Arch, NormKind};
 use crate::{ModelError, Result};
@@ -54,18 +54,14 @@ pub struct Layer {
 }
 
 pub struct Weights {
-    /// `[vocab, d]`.
-    pub embed: Vec<f32>,
+    /// The token embedding `[vocab, d]`, read row by row from the checkpoint's memory map when a token
+    /// is embedded (no f32 copy of the whole matrix).
+    pub embed: TensorRef,
+    pub embed_dtype: Dtype,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
-    /// `[vocab, d]`; None when tied to the embedding.
-    pub lm_head: Option<Vec<f32>>,
-}
-
-impl Weights {
-    pub fn lm_head(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed)
-    }
+    /// The LM head (the embedding when tied), transposed: `[d, vocab]`.
+    pub lm_head_t: Vec<f32>,
 }
 
 /// Prefixes a text model's tensors live under (plain causal LMs, then multimodal Gemma 3 layouts).
@@ -167,19 +163,22 @@ impl Weights {
         let d = arch.hidden;
         let hd = arch.head_dim;
         let (q_w, kv_w) = (arch.heads * hd, arch.kv_heads * hd);
-        let embed = ld.read("embed_tokens.weight", &[arch.vocab, d])?;
-        let final_norm = ld.norm("norm.weight", d, arch.norm)?;
-        let lm_head = if arch.tied {
-            None
-        } else {
+        let embed_name = ld.full("embed_tokens.weight");
+        let mut head = vec![0f32; arch.vocab * d];
+        // Reading it whole checks its shape and dtype once; rows are decoded again on use.
+        ld.read_into(&embed_name, &[arch.vocab, d], &mut head)?;
+        let (embed, entry) = ckpt.get(&embed_name).expect("read_into found it");
+        let embed_dtype = entry.dtype;
+        if !arch.tied {
             let name = ["lm_head.weight", "language_model.lm_head.weight"]
                 .into_iter()
                 .find(|n| ckpt.get(n).is_some())
                 .unwrap_or("lm_head.weight");
-            let mut w = vec![0f32; arch.vocab * d];
-            ld.read_into(name, &[arch.vocab, d], &mut w)?;
-            Some(w)
-        };
+            ld.read_into(name, &[arch.vocab, d], &mut head)?;
+        }
+        let lm_head_t = transpose(&head, arch.vocab, d);
+        drop(head);
+        let final_norm = ld.norm("norm.weight", d, arch.norm)?;
 
         let mut layers = Vec::with_capacity(arch.layers);
         for i in 0..arch.layers {
@@ -244,7 +243,7 @@ impl Weights {
                 post_mlp_norm,
             });
         }
-        Ok(Weights { embed, layers, final_norm, lm_head })
+        Ok(Weights { embed, embed_dtype, layers, final_norm, lm_head_t })
     }
 }
 
@@ -289,4 +288,20 @@ fn load_moe(ld: &Loader<'_>, arch: &Arch, i: usize) -> Result<MoeBlock> {
         None => None,
     };
     Ok(MoeBlock { router, experts, shared })
+}
+
+/// `[rows, cols]` -> `[cols, rows]`, in tiles (the head is tens of millions of values).
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 64;
+    let mut out = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
