@@ -187,8 +187,17 @@ fn write_direction(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `sh -c SCRIPT` under /usr/bin/time -v: wall seconds and peak RSS in kB of the command.
-fn timed(script: &str) -> Result<(f64, u64)> {
+/// One timed run.
+struct Timed {
+    wall: f64,
+    /// User + system CPU seconds of the command and its children.
+    cpu: f64,
+    /// Peak resident set size, kB.
+    rss: u64,
+}
+
+/// Runs `sh -c SCRIPT` under /usr/bin/time -v.
+fn timed(script: &str) -> Result<Timed> {
     let started = Instant::now();
     let out =
         Command::new("/usr/bin/time").args(["-v", "sh", "-c", script]).output().context("running /usr/bin/time")?;
@@ -197,12 +206,16 @@ fn timed(script: &str) -> Result<(f64, u64)> {
     if !out.status.success() {
         bail!("`{script}` failed: {stderr}");
     }
-    let rss = stderr
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes): "))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no peak RSS in /usr/bin/time -v output")?;
-    Ok((secs, rss))
+    let field = |name: &str| -> Result<f64> {
+        stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no `{name}` in /usr/bin/time -v output"))
+    };
+    let cpu = field("User time (seconds): ")? + field("System time (seconds): ")?;
+    let rss = field("Maximum resident set size (kbytes): ")? as u64;
+    Ok(Timed { wall: secs, cpu, rss })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -284,7 +297,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     writeln!(table)?;
     writeln!(
         table,
-        "| checkpoint | runs | `cp -r` + `sync` (median) | `abliterate edit` + `sync` (median) | ratio | edit peak RSS (max) | PyTorch edit | PyTorch peak RSS |"
+        "| checkpoint | runs | `cp -r` + `sync`: wall (median; all), CPU | `abliterate edit` + `sync`: wall (median; all), CPU | wall ratio | edit peak RSS (max) | PyTorch edit: wall, CPU | PyTorch peak RSS |"
     )?;
     writeln!(table, "|---|---|---|---|---|---|---|---|")?;
     for &layers in &o.layers {
@@ -310,23 +323,28 @@ pub fn run(args: &[&str]) -> Result<()> {
             clean()?;
             timed(script)?;
         }
-        let (mut t_cp, mut t_edit, mut rss) = (Vec::new(), Vec::new(), 0u64);
+        let (mut t_cp, mut t_edit, mut c_cp, mut c_edit, mut rss) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0u64);
         for run in 0..o.runs {
             clean()?;
-            let (s, _) = timed(&cp)?;
-            t_cp.push(s);
+            let c = timed(&cp)?;
             clean()?;
-            let (s, r) = timed(&edit)?;
-            t_edit.push(s);
-            rss = rss.max(r);
+            let e = timed(&edit)?;
             eprintln!(
-                "  run {}: cp {:.2} s, edit {:.2} s, edit peak RSS {} MB (load {})",
+                "  run {}: cp {:.2} s ({:.2} s CPU), edit {:.2} s ({:.2} s CPU), edit peak RSS {} MB (load {})",
                 run + 1,
-                t_cp[run],
-                t_edit[run],
-                r / 1024,
+                c.wall,
+                c.cpu,
+                e.wall,
+                e.cpu,
+                e.rss / 1024,
                 load()
             );
+            t_cp.push(c.wall);
+            c_cp.push(c.cpu);
+            t_edit.push(e.wall);
+            c_edit.push(e.cpu);
+            rss = rss.max(e.rss);
         }
         let (mc, me) = (median(t_cp.clone()), median(t_edit.clone()));
         let torch = match &py {
@@ -334,20 +352,23 @@ pub fn run(args: &[&str]) -> Result<()> {
                 clean()?;
                 let script_path = dir.join("torch_edit.py");
                 std::fs::write(&script_path, TORCH_EDIT)?;
-                let (s, r) = timed(&format!("{py} {} {m} {d} {} && sync", script_path.display(), out.display()))?;
-                eprintln!("  PyTorch: {s:.2} s, peak RSS {} MB", r / 1024);
-                (format!("{s:.2} s"), format!("{} MB", r / 1024))
+                let t = timed(&format!("{py} {} {m} {d} {} && sync", script_path.display(), out.display()))?;
+                eprintln!("  PyTorch: {:.2} s ({:.2} s CPU), peak RSS {} MB", t.wall, t.cpu, t.rss / 1024);
+                (format!("{:.2} s, {:.2} s", t.wall, t.cpu), format!("{} MB", t.rss / 1024))
             }
             None => ("not run".into(), "-".into()),
         };
         clean()?;
+        let all = |v: &[f64]| v.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>().join(", ");
         writeln!(
             table,
-            "| {layers} layers, {:.2} GB, {shards} shards | {} | {mc:.2} s ({}) | {me:.2} s ({}) | {:.2} | {} MB | {} | {} |",
+            "| {layers} layers, {:.2} GB, {shards} shards | {} | {mc:.2} s ({}), {:.2} s | {me:.2} s ({}), {:.2} s | {:.2} | {} MB | {} | {} |",
             bytes as f64 / 1e9,
             o.runs,
-            t_cp.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>().join(", "),
-            t_edit.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>().join(", "),
+            all(&t_cp),
+            median(c_cp),
+            all(&t_edit),
+            median(c_edit),
             me / mc,
             rss / 1024,
             torch.0,

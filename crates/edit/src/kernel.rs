@@ -108,33 +108,51 @@ impl Elem for Bf16 {
         out.copy_from_slice(&bf16_rne(v).to_le_bytes());
     }
 
-    /// The same rounding as [`bf16_rne`] without its branch, eight lanes at a time (so that it
-    /// vectorizes); if any value of the run leaves bf16's normal range (zero, subnormal, inf,
-    /// NaN), the run is redone on the general path.
     #[inline(always)]
     fn rewrite_run(inp: &[u8], out: &mut [u8], xs: &[f64], y: f64, scale: f64) -> f64 {
-        const L: usize = 8;
-        let mut lanes = [0f64; L];
-        let mut normal = true;
-        for ((ib, ob), x) in inp.chunks_exact(2 * L).zip(out.chunks_exact_mut(2 * L)).zip(xs.chunks_exact(L)) {
-            for k in 0..L {
-                let w = f32::from_bits((u16::from_le_bytes([ib[2 * k], ib[2 * k + 1]]) as u32) << 16) as f64;
-                let b = (w - scale * (x[k] * y)).to_bits();
-                normal &= ((b >> 52) & 0x7ff).wrapping_sub(1023 - 126) <= 253;
-                let r = (b + ((1u64 << 44) - 1) + ((b >> 45) & 1)) & !((1u64 << 45) - 1);
-                let h = ((f64::from_bits(r) as f32).to_bits() >> 16) as u16;
-                ob[2 * k..2 * k + 2].copy_from_slice(&h.to_le_bytes());
-                let change = (f32::from_bits((h as u32) << 16) as f64 - w).abs();
-                lanes[k] = if change > lanes[k] { change } else { lanes[k] };
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { bf16_run_avx2(inp, out, xs, y, scale) };
         }
-        if !normal {
-            return rewrite_run_scalar::<Self>(inp, out, xs, y, scale);
-        }
-        let done = xs.len() / L * L;
-        let tail = rewrite_run_scalar::<Self>(&inp[2 * done..], &mut out[2 * done..], &xs[done..], y, scale);
-        lanes.iter().fold(tail, |m, &c| if c > m { c } else { m })
+        bf16_run(inp, out, xs, y, scale)
     }
+}
+
+/// [`bf16_run`] compiled for AVX2 (4 f64 lanes instead of 2). No FMA: every element sees the
+/// same IEEE operations as on the portable path, so results are identical on every CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn bf16_run_avx2(inp: &[u8], out: &mut [u8], xs: &[f64], y: f64, scale: f64) -> f64 {
+    bf16_run(inp, out, xs, y, scale)
+}
+
+/// One bf16 rewrite run with the same rounding as [`bf16_rne`] but without its branch, eight
+/// lanes at a time (so that it vectorizes); if any value of the run leaves bf16's normal range
+/// (zero, subnormal, inf, NaN), the run is redone on the general path.
+#[inline(always)]
+fn bf16_run(inp: &[u8], out: &mut [u8], xs: &[f64], y: f64, scale: f64) -> f64 {
+    const L: usize = 8;
+    let mut lanes = [0f64; L];
+    let mut normal = true;
+    for ((ib, ob), x) in inp.chunks_exact(2 * L).zip(out.chunks_exact_mut(2 * L)).zip(xs.chunks_exact(L)) {
+        for k in 0..L {
+            let w = f32::from_bits((u16::from_le_bytes([ib[2 * k], ib[2 * k + 1]]) as u32) << 16) as f64;
+            let b = (w - scale * (x[k] * y)).to_bits();
+            normal &= ((b >> 52) & 0x7ff).wrapping_sub(1023 - 126) <= 253;
+            let r = (b + ((1u64 << 44) - 1) + ((b >> 45) & 1)) & !((1u64 << 45) - 1);
+            let h = ((f64::from_bits(r) as f32).to_bits() >> 16) as u16;
+            ob[2 * k..2 * k + 2].copy_from_slice(&h.to_le_bytes());
+            let change = (f32::from_bits((h as u32) << 16) as f64 - w).abs();
+            lanes[k] = if change > lanes[k] { change } else { lanes[k] };
+        }
+    }
+    if !normal {
+        return rewrite_run_scalar::<Bf16>(inp, out, xs, y, scale);
+    }
+    let done = xs.len() / L * L;
+    let tail = rewrite_run_scalar::<Bf16>(&inp[2 * done..], &mut out[2 * done..], &xs[done..], y, scale);
+    lanes.iter().fold(tail, |m, &c| if c > m { c } else { m })
 }
 
 /// f64 -> bf16 bits, round to nearest even in one step: the same result as
@@ -250,11 +268,7 @@ fn accumulate_typed<E: Elem>(
             let src = &bytes[base * E::SIZE..(base + hi - lo) * E::SIZE];
             let dst = &mut c_blk[lo - blk.start..hi - blk.start];
             match sq_blk.as_deref_mut() {
-                None => {
-                    for (acc, b) in dst.iter_mut().zip(src.chunks_exact(E::SIZE)) {
-                        *acc += u * E::load(b);
-                    }
-                }
+                None => axpy::<E>(dst, src, u),
                 Some(sq_blk) => {
                     let sq_dst = &mut sq_blk[lo - blk.start..hi - blk.start];
                     for ((acc, s), b) in dst.iter_mut().zip(sq_dst.iter_mut()).zip(src.chunks_exact(E::SIZE)) {
@@ -274,6 +288,31 @@ fn accumulate_typed<E: Elem>(
             .enumerate()
             .for_each(|(k, (blk, sq_blk))| task(k, blk, Some(sq_blk))),
     }
+}
+
+/// `acc_j += u · W_j` along a row (each `acc_j` its own sum, so lanes are independent).
+#[inline(always)]
+fn axpy<E: Elem>(acc: &mut [f64], src: &[u8], u: f64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { axpy_avx2::<E>(acc, src, u) };
+    }
+    axpy_portable::<E>(acc, src, u)
+}
+
+#[inline(always)]
+fn axpy_portable<E: Elem>(acc: &mut [f64], src: &[u8], u: f64) {
+    for (a, b) in acc.iter_mut().zip(src.chunks_exact(E::SIZE)) {
+        *a += u * E::load(b);
+    }
+}
+
+/// [`axpy_portable`] for AVX2; no FMA, so the same result on every CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn axpy_avx2<E: Elem>(acc: &mut [f64], src: &[u8], u: f64) {
+    axpy_portable::<E>(acc, src, u)
 }
 
 /// [`accumulate`] for `inner == 1` (embeddings, biases): one column per `o`, whose rows `i` are
