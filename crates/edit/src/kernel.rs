@@ -606,6 +606,43 @@ mod tests {
         }
     }
 
+    #[test]
+    fn every_bf16_path_rounds_the_same() {
+        // Random weights with zeros, subnormal results, huge values and a NaN mixed in.
+        let mut x = 0x1234_5678_9ABC_DEF0u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for len in [1usize, 7, 8, 9, 64, 1000] {
+            for special in [false, true] {
+                let w: Vec<f64> = (0..len)
+                    .map(|k| match (special, k % 5) {
+                        (true, 0) => 0.0,
+                        (true, 1) => 1e-39,
+                        (true, 2) => 3.3e38,
+                        _ => f32::from_bits((next() as u32 & 0x3fff_ffff) | 0x3000_0000) as f64,
+                    })
+                    .collect();
+                let xs: Vec<f64> = (0..len).map(|_| (next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5).collect();
+                let inp = enc(Dtype::BF16, &w);
+                let (mut a, mut b) = (vec![0u8; inp.len()], vec![0u8; inp.len()]);
+                let ma = bf16_run(&inp, &mut a, &xs, 0.75, 1.0);
+                let mb = rewrite_run_scalar::<Bf16>(&inp, &mut b, &xs, 0.75, 1.0);
+                assert_eq!((a.clone(), ma), (b.clone(), mb), "len {len}, special {special}");
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    let mut c = vec![0u8; inp.len()];
+                    // SAFETY: AVX2 is present (checked above).
+                    let mc = unsafe { bf16_run_avx2(&inp, &mut c, &xs, 0.75, 1.0) };
+                    assert_eq!((c, mc), (b, mb));
+                }
+            }
+        }
+    }
+
     proptest! {
         /// method.md §6 law 1: for every column, |Σ_i u_i W'_stored[i, j]| ≤ u · Σ_i |u_i| |W'[i, j]|
         /// (plus a float64 term), after rounding to the stored dtype.
