@@ -26,11 +26,9 @@ fn ulps(dtype: Dtype, a: &[u8], b: &[u8]) -> u64 {
         Dtype::BF16 | Dtype::F16 => {
             (u16::from_le_bytes([a[0], a[1]]) as u64, u16::from_le_bytes([b[0], b[1]]) as u64, 16)
         }
-        Dtype::F32 => (
-            u32::from_le_bytes(a.try_into().unwrap()) as u64,
-            u32::from_le_bytes(b.try_into().unwrap()) as u64,
-            32,
-        ),
+        Dtype::F32 => {
+            (u32::from_le_bytes(a.try_into().unwrap()) as u64, u32::from_le_bytes(b.try_into().unwrap()) as u64, 32)
+        }
         other => panic!("no {other} in the reference cases"),
     };
     ordered(x, w).abs_diff(ordered(y, w))
