@@ -65,6 +65,7 @@ pub(crate) trait OutFile: Write + Send {
 }
 
 impl OutFile for File {
+    #[cfg(target_os = "linux")]
     fn start_writeback(&mut self, begin: u64, end: u64) {
         use std::os::fd::AsRawFd;
         // SAFETY: a plain syscall on an open descriptor we own; it only starts asynchronous
@@ -93,6 +94,8 @@ const WRITEBACK: u64 = 32 << 20;
 pub(crate) type Create = dyn Fn(&Path, bool) -> io::Result<Box<dyn OutFile>> + Sync;
 
 fn create_file(path: &Path, streamed: bool) -> io::Result<Box<dyn OutFile>> {
+    // Direct I/O is Linux's O_DIRECT; elsewhere every file goes through the page cache.
+    #[cfg(target_os = "linux")]
     if streamed {
         use std::os::unix::fs::OpenOptionsExt;
         match File::options().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
@@ -106,8 +109,10 @@ fn create_file(path: &Path, streamed: bool) -> io::Result<Box<dyn OutFile>> {
 }
 
 /// Bytes staged per direct write (a multiple of any logical block size).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const STAGE: usize = 8 << 20;
 /// Alignment of direct I/O buffers, offsets and lengths.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const BLOCK: usize = 4096;
 
 /// A shard written with direct I/O (`O_DIRECT`): bytes are staged in an aligned buffer and written
@@ -115,6 +120,7 @@ const BLOCK: usize = 4096;
 /// more CPU than the copy itself, and the final fsync has nothing left to flush. The last partial
 /// block is written padded and the file then truncated to its length. If the filesystem refuses a
 /// direct write, the file falls back to ordinary writes.
+#[cfg(target_os = "linux")]
 struct DirectFile {
     file: File,
     buf: Vec<u8>,
@@ -125,6 +131,7 @@ struct DirectFile {
     direct: bool,
 }
 
+#[cfg(target_os = "linux")]
 impl DirectFile {
     fn new(file: File) -> DirectFile {
         let buf = vec![0u8; STAGE + BLOCK];
@@ -157,6 +164,7 @@ impl DirectFile {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Write for DirectFile {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = data.len().min(STAGE - self.fill);
@@ -176,6 +184,7 @@ impl Write for DirectFile {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl OutFile for DirectFile {
     fn finish(&mut self) -> io::Result<()> {
         if self.fill > 0 {
