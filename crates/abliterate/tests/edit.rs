@@ -791,3 +791,31 @@ fn a_killed_run_leaves_no_output_and_its_leftovers_are_cleaned_later() {
     ok(&r);
     assert!(!temp.exists(), "stale temporary directory removed");
 }
+
+#[test]
+fn help_snapshot() {
+    let r = abliterate(["edit", "--help"]);
+    ok(&r);
+    expect_test::expect![[r#"
+        Write a copy of a checkpoint in which no weight writes a direction into the residual stream
+
+        Usage: abliterate edit [OPTIONS] --direction <FILE> <MODEL>
+
+        Arguments:
+          <MODEL>  Model directory: a Hugging Face checkpoint (config.json and safetensors weights)
+
+        Options:
+              --direction <FILE>   Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm)
+          -o, --output <OUT>       Output directory. Written beside it as a temporary directory and renamed when complete
+              --scale <S>          Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (method.md §6, scale variant) [default: 1]
+              --layers <RANGE>     Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
+              --skip-embeddings    Leave the token embedding unedited
+              --exclude <PATTERN>  Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest
+              --keep-tie           With tied embeddings, keep the tie: the edit then also changes the unembedding, so the model is no longer equivalent to ablation. By default the original embedding is written as an untied lm_head.weight
+              --dry-run            Print the plan (what would be rewritten, added and excluded) and write nothing
+              --force              Replace OUT if it exists (only after the new one is complete)
+              --json               Print a machine-readable summary on stdout
+          -h, --help               Print help
+          -V, --version            Print version
+    "#]].assert_eq(&r.stdout);
+}

@@ -23,7 +23,7 @@ pub struct Args {
     /// Output directory. Written beside it as a temporary directory and renamed when complete.
     #[arg(short = 'o', long = "output", value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
-    /// Remove SCALE times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
+    /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
     /// 2 reflects (method.md §6, scale variant).
     #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
     scale: f64,
