@@ -7,12 +7,13 @@
 //! byte for byte (gaps included), with the edited tensors' bytes replaced: unchanged bytes are
 //! copied, never decoded.
 //!
-//! Memory is bounded whatever the checkpoint size: input is read with positioned reads in chunks
-//! of whole rows (never through a memory map, whose touched pages would count as resident), edited
-//! chunks are computed in parallel (rayon) and handed in order through a bounded channel to one
-//! writer thread that hashes and writes them. A second thread hashes the input files. The output
-//! goes to a temporary directory beside OUT, every file is fsynced, and the directory is renamed
-//! into place only when complete; any failure removes it. No input file is opened for writing.
+//! Memory is bounded whatever the checkpoint size: each input shard is read once, in order, with
+//! positioned reads in 8 MB chunks of whole rows (never through a memory map, whose touched pages
+//! would count as resident); edited chunks are computed in parallel (rayon); chunks go through
+//! bounded channels to three threads: the writer (direct I/O on Linux, so the page cache does not
+//! grow either), the output hasher and the input hasher. Buffers are recycled. The output goes to
+//! a temporary directory beside OUT, every file is fsynced, and the directory is renamed into place
+//! only when complete; any failure removes it. No input file is opened for writing.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -592,10 +593,10 @@ fn edit_tensor(ctx: &Ctx, i: usize, sinks: &Sinks, pool: &Pool) -> Result<Sent<L
             return Ok(Err(g));
         }
     }
-    Ok(Ok(ctx_ledger(e, t.dtype, &c, &c_after, &sq, max_change)))
+    Ok(Ok(ledger_entry(e, t.dtype, &c, &c_after, &sq, max_change)))
 }
 
-fn ctx_ledger(
+fn ledger_entry(
     e: &crate::TensorEdit,
     dtype: checkpoint::Dtype,
     c: &[f64],
