@@ -435,7 +435,7 @@ impl Model {
             kernels::rms_norm_row(&x[r * d..(r + 1) * d], &self.w.final_norm, self.arch.norm_eps, o)
         });
         let mut logits = vec![0f32; rows.len() * vocab];
-        kernels::matmul_nn(&h, rows.len(), d, &self.w.lm_head_t, vocab, &mut logits);
+        self.w.lm_head.matmul(&h, rows.len(), &mut logits);
         if let Some(cap) = self.arch.final_softcap {
             logits.par_iter_mut().with_min_len(4096).for_each(|z| *z = kernels::softcap(*z, cap));
         }
@@ -444,9 +444,9 @@ impl Model {
 }
 
 fn linear(x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) {
-    kernels::matmul_nn(x, rows, l.inp, &l.wt, l.out, out);
+    l.w.matmul(x, rows, out);
     if let Some(b) = &l.bias {
-        kernels::add_bias(&mut out[..rows * l.out], b);
+        kernels::add_bias(&mut out[..rows * l.w.out()], b);
     }
 }
 

@@ -1,19 +1,19 @@
 //! Every tensor the forward pass reads, decoded once from the checkpoint's stored dtype to f32 (exact for
-//! bf16, f16 and f32) and checked against the shape config.json implies. Projection weights are stored
-//! transposed, `[in, out]`: `gemm` then streams them without repacking on every call, which makes small
-//! batches (generation steps) about twice as fast (docs/benchmarks.md). q/k/v and gate/up are fused (one
-//! matrix product each); Gemma's norm gains `1 + w` are formed here, in f32, as transformers does.
+//! bf16, f16 and f32) and checked against the shape config.json implies. Projection weights and the LM
+//! head are stored panel-major ([`Panels`]): `gemm` then reads them in place without repacking on every
+//! call, which makes small batches (generation steps) about twice as fast (docs/benchmarks.md). q/k/v and
+//! gate/up are fused (one matrix product each); Gemma's norm gains `1 + w` are formed here, in f32, as
+//! transformers does.
 
 use checkpoint::{Checkpoint, Dtype, Family, TensorRef, dtype};
 
 use crate::arch::{Arch, NormKind};
+use crate::kernels::Panels;
 use crate::{ModelError, Result};
 
-/// A linear layer `y = x Wᵀ + b`, with `wt = Wᵀ` stored `[inp, out]` (transformers stores `W` as `[out, inp]`).
+/// A linear layer `y = x Wᵀ + b` (transformers stores `W` as `[out, inp]`; we store it panel-major).
 pub struct Linear {
-    pub wt: Vec<f32>,
-    pub out: usize,
-    pub inp: usize,
+    pub w: Panels,
     pub bias: Option<Vec<f32>>,
 }
 
@@ -60,8 +60,8 @@ pub struct Weights {
     pub embed_dtype: Dtype,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
-    /// The LM head (the embedding when tied), transposed: `[d, vocab]`.
-    pub lm_head_t: Vec<f32>,
+    /// The LM head (the embedding when tied).
+    pub lm_head: Panels,
 }
 
 /// Prefixes a text model's tensors live under (plain causal LMs, then multimodal Gemma 3 layouts).
@@ -117,27 +117,21 @@ impl Loader<'_> {
     }
 
     /// Stacks several `[rows_i, inp]` matrices (and optional biases) into one `Linear` (output columns
-    /// in the order given), transposed.
+    /// in the order given).
     fn stacked(&self, parts: &[(&str, usize)], inp: usize, bias: bool) -> Result<Linear> {
         let out: usize = parts.iter().map(|p| p.1).sum();
-        let mut wt = vec![0f32; out * inp];
+        let mut w = vec![0f32; out * inp];
         let mut b = bias.then(|| vec![0f32; out]);
-        let mut col = 0;
-        let mut part = Vec::new();
+        let mut row = 0;
         for (name, rows) in parts {
-            part.resize(rows * inp, 0.0);
-            self.read_into(&self.full(&format!("{name}.weight")), &[*rows, inp], &mut part)?;
-            for (r, row) in part.chunks_exact(inp).enumerate() {
-                for (i, v) in row.iter().enumerate() {
-                    wt[i * out + col + r] = *v;
-                }
-            }
+            let full = self.full(&format!("{name}.weight"));
+            self.read_into(&full, &[*rows, inp], &mut w[row * inp..(row + rows) * inp])?;
             if let Some(b) = &mut b {
-                self.read_into(&self.full(&format!("{name}.bias")), &[*rows], &mut b[col..col + rows])?;
+                self.read_into(&self.full(&format!("{name}.bias")), &[*rows], &mut b[row..row + rows])?;
             }
-            col += rows;
+            row += rows;
         }
-        Ok(Linear { wt, out, inp, bias: b })
+        Ok(Linear { w: Panels::from_rows(&w, out, inp), bias: b })
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -176,7 +170,7 @@ impl Weights {
                 .unwrap_or("lm_head.weight");
             ld.read_into(name, &[arch.vocab, d], &mut head)?;
         }
-        let lm_head_t = transpose(&head, arch.vocab, d);
+        let lm_head = Panels::from_rows(&head, arch.vocab, d);
         drop(head);
         let final_norm = ld.norm("norm.weight", d, arch.norm)?;
 
@@ -243,7 +237,7 @@ impl Weights {
                 post_mlp_norm,
             });
         }
-        Ok(Weights { embed, embed_dtype, layers, final_norm, lm_head_t })
+        Ok(Weights { embed, embed_dtype, layers, final_norm, lm_head })
     }
 }
 
@@ -288,20 +282,4 @@ fn load_moe(ld: &Loader<'_>, arch: &Arch, i: usize) -> Result<MoeBlock> {
         None => None,
     };
     Ok(MoeBlock { router, experts, shared })
-}
-
-/// `[rows, cols]` -> `[cols, rows]`, in tiles (the head is tens of millions of values).
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const T: usize = 64;
-    let mut out = vec![0f32; rows * cols];
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    out[c * rows + r] = a[r * cols + c];
-                }
-            }
-        }
-    }
-    out
 }

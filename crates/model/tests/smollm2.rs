@@ -213,6 +213,7 @@ fn running_from_a_cached_residual_equals_the_full_pass() {
     let ends: Vec<usize> = batch.segments().iter().map(|s| s.start + s.len - 1).collect();
     for (r, &e) in ends.iter().enumerate() {
         let d = max_abs_diff(all.row(e), plain.row(r));
-        assert!(d <= 2e-5, "prompt {r}: last row of all-position logits differs by {d}");
+        // The LM head runs on 2 rows or on all of them: gemm's blocking, so rounding, differs.
+        assert!(d <= 1e-4, "prompt {r}: last row of all-position logits differs by {d}");
     }
 }
