@@ -54,16 +54,23 @@ pub struct Model {
     ckpt: Checkpoint,
 }
 
-/// Keys and values of one prompt, per layer: `[positions, kv_heads * head_dim]` each.
+/// Keys and values of one prompt, per layer, for up to `capacity` positions: keys transposed
+/// (`[kv_width, capacity]`, so attention scores vectorise over positions), values `[positions, kv_width]`.
 pub(crate) struct RowCache {
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    pub capacity: usize,
     pub len: usize,
 }
 
 impl RowCache {
-    pub fn new(layers: usize, capacity: usize) -> RowCache {
+    pub fn new(layers: usize, capacity: usize, kv_width: usize) -> RowCache {
+        // Key rows padded to whole vector blocks (attention reads them a block at a time).
+        let capacity = capacity.next_multiple_of(crate::kernels::LANES);
         RowCache {
-            layers: (0..layers).map(|_| (Vec::with_capacity(capacity), Vec::with_capacity(capacity))).collect(),
+            layers: (0..layers)
+                .map(|_| (vec![0f32; kv_width * capacity], Vec::with_capacity(kv_width * capacity)))
+                .collect(),
+            capacity,
             len: 0,
         }
     }
@@ -89,6 +96,8 @@ struct Bufs {
     o: Vec<f32>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
+    /// Each prompt's keys, transposed (`[kv_width, len]` per prompt, prompts packed).
+    kt: Vec<f32>,
 }
 
 fn resize(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -303,13 +312,30 @@ impl Model {
         let attn = resize(&mut b.attn, t * q_w);
         match cache {
             None => {
+                // Each prompt's keys transposed, rows padded to whole vector blocks.
+                let strides: Vec<usize> = ctx.segs.iter().map(|s| s.len.next_multiple_of(kernels::LANES)).collect();
+                let kt = resize(&mut b.kt, strides.iter().sum::<usize>() * kv_w);
+                let mut offsets = Vec::with_capacity(ctx.segs.len());
+                let mut at = 0;
+                for (s, &stride) in ctx.segs.iter().zip(&strides) {
+                    offsets.push(at);
+                    let seg_kt = &mut kt[at..at + stride * kv_w];
+                    for (j, i) in s.range().enumerate() {
+                        for (c, k) in qkv[i * qkv_w + q_w..][..kv_w].iter().enumerate() {
+                            seg_kt[c * stride + j] = *k;
+                        }
+                    }
+                    at += stride * kv_w;
+                }
                 let views: Vec<KvView<'_>> = ctx
                     .segs
                     .iter()
-                    .map(|s| KvView {
-                        k: &qkv[s.start * qkv_w + q_w..],
+                    .zip(strides.iter().zip(&offsets))
+                    .map(|(s, (&stride, &off))| KvView {
+                        kt: &kt[off..off + stride * kv_w],
+                        kt_stride: stride,
                         v: &qkv[s.start * qkv_w + q_w + kv_w..],
-                        stride: qkv_w,
+                        v_stride: qkv_w,
                         n: s.len,
                     })
                     .collect();
@@ -317,11 +343,16 @@ impl Model {
             }
             Some(cache) => {
                 for s in ctx.segs {
-                    let (k, v) = &mut cache[s.row].layers[l];
-                    debug_assert_eq!(k.len(), s.pos0 * kv_w, "cache length equals the segment's first position");
-                    for i in s.range() {
+                    let rc = &mut cache[s.row];
+                    let cap = rc.capacity;
+                    let (kt, v) = &mut rc.layers[l];
+                    debug_assert_eq!(v.len(), s.pos0 * kv_w, "cache length equals the segment's first position");
+                    assert!(s.pos0 + s.len <= cap, "generation sizes each cache for its prompt and max_new_tokens");
+                    for (j, i) in s.range().enumerate() {
                         let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
-                        k.extend_from_slice(&row[q_w..q_w + kv_w]);
+                        for (c, k) in row[q_w..q_w + kv_w].iter().enumerate() {
+                            kt[c * cap + s.pos0 + j] = *k;
+                        }
                         v.extend_from_slice(&row[q_w + kv_w..]);
                     }
                 }
@@ -329,8 +360,9 @@ impl Model {
                     .segs
                     .iter()
                     .map(|s| {
-                        let (k, v) = &cache[s.row].layers[l];
-                        KvView { k, v, stride: kv_w, n: k.len() / kv_w }
+                        let rc = &cache[s.row];
+                        let (kt, v) = &rc.layers[l];
+                        KvView { kt, kt_stride: rc.capacity, v, v_stride: kv_w, n: v.len() / kv_w }
                     })
                     .collect();
                 kernels::attention(qkv, qkv_w, &ctx.seg_of, &ctx.pos, &views, &params, attn);

@@ -63,7 +63,7 @@ impl Model {
         }
         let kv = arch.kv_width();
         let mut cache: Vec<RowCache> =
-            batch.segments().iter().map(|s| RowCache::new(arch.layers, (s.len + opts.max_new_tokens) * kv)).collect();
+            batch.segments().iter().map(|s| RowCache::new(arch.layers, s.len + opts.max_new_tokens, kv)).collect();
 
         let mut x = self.embed(batch)?;
         self.run(&mut x, batch, 0, Some(&mut cache), hook)?;

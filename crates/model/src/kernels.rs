@@ -10,11 +10,72 @@ use rayon::prelude::*;
 
 use crate::arch::{Activation, ScoreScale};
 
-/// Rows per rayon task in element-wise loops (keeps task overhead negligible for small batches).
-const MIN_ROWS: usize = 8;
+/// Rows per rayon task in element-wise loops: a generation step (one row per prompt) runs them on one
+/// thread, where splitting would cost more than it saves.
+const MIN_ROWS: usize = 64;
 
 /// Output columns per weight panel: one AVX-512 microkernel's rows (4 vectors of 16 f32).
 const PANEL: usize = 64;
+
+/// Values per register-resident accumulator block in attention (one AVX-512 vector).
+pub const LANES: usize = 16;
+
+/// The widest vector instructions the CPU has, for the loops the compiler vectorises itself. Every
+/// variant runs the same Rust code (same operations, same order), so results do not depend on it.
+#[derive(Clone, Copy)]
+enum Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Baseline,
+}
+
+impl Simd {
+    fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Baseline
+    }
+}
+
+/// Calls the variant of a row kernel for the detected instruction set.
+macro_rules! dispatch {
+    ($simd:expr, $f:ident, $f512:ident, $f2:ident, ($($a:expr),*)) => {
+        match $simd {
+            // SAFETY: `Simd::detect` saw the CPU support these instructions.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { $f512($($a),*) },
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { $f2($($a),*) },
+            Simd::Baseline => $f($($a),*),
+        }
+    };
+}
+
+/// Compiles an `#[inline(always)]` row kernel again for AVX-512 and for AVX2 (the same code: the compiler
+/// vectorises it wider; no fused multiply-adds are introduced, so the results are the same).
+macro_rules! variants {
+    ($f:ident, $f512:ident, $f2:ident, ($($a:ident: $t:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn $f512($($a: $t),*) {
+            $f($($a),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $f2($($a: $t),*) {
+            $f($($a),*)
+        }
+    };
+}
 
 /// A weight matrix `W` (`[out, inp]`, `y = x Wᵀ`) stored panel-major: for each block of [`PANEL`] output
 /// columns, `Wᵀ[:, block]` as a contiguous `[inp, PANEL]` array (the last panel zero-padded).
@@ -113,7 +174,7 @@ pub fn add_bias(out: &mut [f32], bias: &[f32]) {
 }
 
 /// The mean of squares of one row, accumulated in f64 (a fixed order), rounded to f32.
-#[inline]
+#[inline(always)]
 fn mean_square(x: &[f32]) -> f32 {
     let mut acc = [0f64; 4];
     let chunks = x.chunks_exact(4);
@@ -131,7 +192,7 @@ fn mean_square(x: &[f32]) -> f32 {
 }
 
 /// RMSNorm of one row: `x * rsqrt(mean(x²) + eps)`, then times the gain `g` (`w`, or Gemma's `1 + w`).
-#[inline]
+#[inline(always)]
 pub fn rms_norm_row(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
     let r = 1.0f32 / (mean_square(x) + eps).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(g) {
@@ -140,7 +201,7 @@ pub fn rms_norm_row(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// RMSNorm of one row in place.
-#[inline]
+#[inline(always)]
 pub fn rms_norm_row_inplace(x: &mut [f32], g: &[f32], eps: f32) {
     let r = 1.0f32 / (mean_square(x) + eps).sqrt();
     for (v, w) in x.iter_mut().zip(g) {
@@ -151,14 +212,28 @@ pub fn rms_norm_row_inplace(x: &mut [f32], g: &[f32], eps: f32) {
 /// RMSNorm of every row of `x` (`[rows, d]`) into `out`.
 pub fn rms_norm(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
     let d = g.len();
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(MIN_ROWS).for_each(|(o, x)| rms_norm_row(x, g, eps, o));
+    let simd = Simd::detect();
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .with_min_len(MIN_ROWS)
+        .for_each(|(o, x)| dispatch!(simd, rms_norm_row, rms_norm_row_avx512, rms_norm_row_avx2, (x, g, eps, o)));
 }
+variants!(rms_norm_row, rms_norm_row_avx512, rms_norm_row_avx2, (x: &[f32], g: &[f32], eps: f32, out: &mut [f32]));
 
 /// RMSNorm in place.
 pub fn rms_norm_inplace(x: &mut [f32], g: &[f32], eps: f32) {
     let d = g.len();
-    x.par_chunks_mut(d).with_min_len(MIN_ROWS).for_each(|row| rms_norm_row_inplace(row, g, eps));
+    let simd = Simd::detect();
+    x.par_chunks_mut(d).with_min_len(MIN_ROWS).for_each(|row| {
+        dispatch!(simd, rms_norm_row_inplace, rms_norm_row_inplace_avx512, rms_norm_row_inplace_avx2, (row, g, eps))
+    });
 }
+variants!(
+    rms_norm_row_inplace,
+    rms_norm_row_inplace_avx512,
+    rms_norm_row_inplace_avx2,
+    (x: &mut [f32], g: &[f32], eps: f32)
+);
 
 /// `x += y`, element-wise.
 pub fn add_inplace(x: &mut [f32], y: &[f32], d: usize) {
@@ -169,11 +244,42 @@ pub fn add_inplace(x: &mut [f32], y: &[f32], d: usize) {
     });
 }
 
-#[inline]
+/// `e^x` in f32 within about an ulp (Cephes' `expf`: `2^n · p(r)`, `|r| <= ln 2 / 2`; its last coefficient,
+/// 5.0000001201e-1, is 0.5 in f32), written so that
+/// the compiler vectorises it. Results above `e^88` are `inf`, below the smallest normal 0.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const HI: f32 = 88.0;
+    const LO: f32 = -87.336_55;
+    // Rounds to nearest (ties to even) for |v| < 2^22.
+    const MAGIC: f32 = 12_582_912.0;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(LO, HI);
+    let n = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = (xc - n * C1) - n * C2;
+    let z = r * r;
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 0.5)
+        * z
+        + r
+        + 1.0;
+    let v = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x > HI {
+        f32::INFINITY
+    } else if x < LO {
+        0.0
+    } else {
+        v
+    }
+}
+
+#[inline(always)]
 fn activate(a: Activation, x: f32) -> f32 {
     match a {
         // torch's silu: x / (1 + exp(-x)).
-        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Silu => x / (1.0 + exp_f32(-x)),
         Activation::Gelu => (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
         Activation::GeluTanh => {
             // torch's kBeta = M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi), formed in double.
@@ -188,13 +294,31 @@ fn activate(a: Activation, x: f32) -> f32 {
 
 /// The gated MLP's middle: `act(gate) * up` for rows of `[gate | up]` (`gate_up`: `[rows, 2 ff]`).
 pub fn gated_activation(gate_up: &[f32], ff: usize, a: Activation, out: &mut [f32]) {
-    out.par_chunks_mut(ff).zip(gate_up.par_chunks(2 * ff)).with_min_len(MIN_ROWS).for_each(|(o, gu)| {
-        let (g, u) = gu.split_at(ff);
-        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = activate(a, *g) * u;
-        }
-    });
+    let simd = Simd::detect();
+    out.par_chunks_mut(ff)
+        .zip(gate_up.par_chunks(2 * ff))
+        .with_min_len(MIN_ROWS)
+        .for_each(|(o, gu)| dispatch!(simd, gated_row, gated_row_avx512, gated_row_avx2, (gu, a, o)));
 }
+
+#[inline(always)]
+fn gated_row(gate_up: &[f32], a: Activation, out: &mut [f32]) {
+    let (g, u) = gate_up.split_at(out.len());
+    // One loop per activation, so that each vectorises on its own.
+    match a {
+        Activation::Silu => {
+            for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+                *o = activate(Activation::Silu, *g) * u;
+            }
+        }
+        _ => {
+            for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+                *o = activate(a, *g) * u;
+            }
+        }
+    }
+}
+variants!(gated_row, gated_row_avx512, gated_row_avx2, (gate_up: &[f32], a: Activation, out: &mut [f32]));
 
 /// `tanh(x / cap) * cap`, as Gemma 2/3 soft-cap scores and logits.
 #[inline]
@@ -203,11 +327,14 @@ pub fn softcap(x: f32, cap: f32) -> f32 {
 }
 
 /// Softmax of one row in place (max-subtracted, f32 like torch's `softmax(dtype=float32)`).
+#[inline(always)]
 pub fn softmax_row(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = exp_f32(*v - max);
+    }
+    for v in x.iter() {
         sum += *v;
     }
     for v in x.iter_mut() {
@@ -215,32 +342,16 @@ pub fn softmax_row(x: &mut [f32]) {
     }
 }
 
-/// Dot product with eight independent f32 accumulators (vectorisable; fixed order).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// Keys and values one prompt's queries attend to: row `j` of keys is `k[j * stride..][..kv_width]`.
+/// Keys and values one prompt's queries attend to. Keys are transposed: component `c` (of
+/// `kv_heads * head_dim`) of the key at position `j` is `kt[c * kt_stride + j]`; the value at position `j`
+/// is `v[j * v_stride..][..kv_width]`.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
-    pub k: &'a [f32],
+    pub kt: &'a [f32],
+    pub kt_stride: usize,
     pub v: &'a [f32],
-    pub stride: usize,
-    /// Number of key rows (the prompt's positions `0..n`).
+    pub v_stride: usize,
+    /// Number of positions (`0..n`).
     pub n: usize,
 }
 
@@ -267,45 +378,100 @@ pub fn attention(
     p: &AttnParams,
     out: &mut [f32],
 ) {
+    let simd = Simd::detect();
+    out.par_chunks_mut(p.heads * p.head_dim).enumerate().for_each(|(t, o)| {
+        let view = kv[segment[t] as usize];
+        let qrow = &q[t * q_stride..][..p.heads * p.head_dim];
+        let pos = position[t] as usize;
+        dispatch!(simd, attend, attend_avx512, attend_avx2, (qrow, pos, view, p, o))
+    });
+}
+
+variants!(attend, attend_avx512, attend_avx2, (q: &[f32], pos: usize, view: KvView<'_>, p: &AttnParams, o: &mut [f32]));
+
+/// `acc += w * v` on one register-sized block.
+#[inline(always)]
+fn axpy(acc: &mut [f32; LANES], w: f32, v: &[f32; LANES]) {
+    for i in 0..LANES {
+        acc[i] += w * v[i];
+    }
+}
+
+/// Attention of one query row (all heads) at position `pos` over keys `0..=pos` (within the window).
+#[inline(always)]
+fn attend(q: &[f32], pos: usize, view: KvView<'_>, p: &AttnParams, o: &mut [f32]) {
     let hd = p.head_dim;
     let group = p.heads / p.kv_heads;
-    out.par_chunks_mut(p.heads * hd).enumerate().for_each(|(t, o)| {
-        let view = kv[segment[t] as usize];
-        let pos = position[t] as usize;
-        let hi = pos + 1; // keys 0..=pos
-        let lo = match p.window {
-            Some(w) => hi.saturating_sub(w),
-            None => 0,
-        };
-        debug_assert!(hi <= view.n, "a query never attends past its prompt's keys");
-        let mut scores = vec![0f32; hi - lo];
-        let qrow = &q[t * q_stride..];
-        for h in 0..p.heads {
-            let g = h / group;
-            let qh = &qrow[h * hd..(h + 1) * hd];
-            for (j, s) in (lo..hi).zip(scores.iter_mut()) {
-                let kj = &view.k[j * view.stride + g * hd..][..hd];
-                let raw = dot(qh, kj);
-                let mut v = match p.scale {
-                    ScoreScale::Mul(m) => raw * m,
-                    ScoreScale::Div(d) => raw / d,
-                };
-                if let Some(cap) = p.softcap {
-                    v = softcap(v, cap);
-                }
-                *s = v;
-            }
-            softmax_row(&mut scores);
-            let oh = &mut o[h * hd..(h + 1) * hd];
-            oh.fill(0.0);
-            for (j, &w) in (lo..hi).zip(scores.iter()) {
-                let vj = &view.v[j * view.stride + g * hd..][..hd];
-                for (a, b) in oh.iter_mut().zip(vj) {
-                    *a += w * b;
-                }
-            }
+    let hi = pos + 1;
+    let lo = match p.window {
+        Some(w) => hi.saturating_sub(w),
+        None => 0,
+    };
+    debug_assert!(hi <= view.n, "a query never attends past its prompt's keys");
+    let mut scores = vec![0f32; hi - lo];
+    for h in 0..p.heads {
+        let g = h / group;
+        let qh = &q[h * hd..(h + 1) * hd];
+        // q·k for every key, vectorised over keys (keys are stored transposed).
+        weighted_sums(qh, &view.kt[g * hd * view.kt_stride..], view.kt_stride, lo, &mut scores);
+        match p.scale {
+            ScoreScale::Mul(m) => scores.iter_mut().for_each(|s| *s *= m),
+            ScoreScale::Div(d) => scores.iter_mut().for_each(|s| *s /= d),
         }
-    });
+        if let Some(cap) = p.softcap {
+            scores.iter_mut().for_each(|s| *s = softcap(*s, cap));
+        }
+        softmax_row(&mut scores);
+        // The weighted sum of the values.
+        let oh = &mut o[h * hd..(h + 1) * hd];
+        weighted_sums(&scores, &view.v[lo * view.v_stride..], view.v_stride, g * hd, oh);
+    }
+}
+
+/// `out[i] = Σ_t w[t] · base[t * stride + offset + i]`, each sum over `t` in order (so every value is the
+/// same however the blocks fall), in register blocks of 4 × 16 lanes: four independent accumulations
+/// keep the adder busy where one would wait on its own latency.
+#[inline(always)]
+fn weighted_sums(w: &[f32], base: &[f32], stride: usize, offset: usize, out: &mut [f32]) {
+    let n = out.len();
+    let mut i = 0;
+    while n - i >= 4 * LANES {
+        weighted_block::<4>(w, base, stride, offset + i, &mut out[i..i + 4 * LANES]);
+        i += 4 * LANES;
+    }
+    while n - i >= LANES {
+        weighted_block::<1>(w, base, stride, offset + i, &mut out[i..i + LANES]);
+        i += LANES;
+    }
+    // A last partial block: as a whole block where the memory after it is readable (callers pad key
+    // rows to a multiple of LANES), its extra lanes dropped; the lanes are independent.
+    if i < n && !w.is_empty() && (w.len() - 1) * stride + offset + i + LANES <= base.len() {
+        let mut tmp = [0f32; LANES];
+        weighted_block::<1>(w, base, stride, offset + i, &mut tmp);
+        out[i..].copy_from_slice(&tmp[..n - i]);
+        return;
+    }
+    for (r, o) in out.iter_mut().enumerate().skip(i) {
+        let mut acc = 0f32;
+        for (t, &wt) in w.iter().enumerate() {
+            acc += wt * base[t * stride + offset + r];
+        }
+        *o = acc;
+    }
+}
+
+#[inline(always)]
+fn weighted_block<const B: usize>(w: &[f32], base: &[f32], stride: usize, offset: usize, out: &mut [f32]) {
+    let mut acc = [[0f32; LANES]; B];
+    for (t, &wt) in w.iter().enumerate() {
+        let src = &base[t * stride + offset..][..B * LANES];
+        for (b, a) in acc.iter_mut().enumerate() {
+            axpy(a, wt, src[b * LANES..][..LANES].try_into().expect("LANES values"));
+        }
+    }
+    for (b, a) in acc.iter().enumerate() {
+        out[b * LANES..][..LANES].copy_from_slice(a);
+    }
 }
 
 /// Index of the largest value, the first one on ties (as `torch.argmax`); NaN counts as largest.
@@ -359,6 +525,61 @@ mod tests {
     }
 
     #[test]
+    fn exp_is_within_two_ulps_and_saturates() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp_f32(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.001_37;
+        }
+        assert!(worst < 2.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp_f32(-88.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    /// The AVX-512, AVX2 and baseline builds of each row kernel give the same bits (checked for the
+    /// instruction sets this CPU has).
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let simd = Simd::detect();
+        let v = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i + seed) * 7919) % 1013) as f32 / 101.3 - 5.0).collect()
+        };
+        let (x, g) = (v(576, 1), v(576, 2));
+        let (mut a, mut b) = (vec![0f32; 576], vec![0f32; 576]);
+        rms_norm_row(&x, &g, 1e-5, &mut a);
+        dispatch!(simd, rms_norm_row, rms_norm_row_avx512, rms_norm_row_avx2, (&x, &g, 1e-5, &mut b));
+        assert_eq!(a, b, "rms_norm_row");
+        let gu = v(2 * 300, 3);
+        for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu, Activation::Relu] {
+            let (mut a, mut b) = (vec![0f32; 300], vec![0f32; 300]);
+            gated_row(&gu, act, &mut a);
+            dispatch!(simd, gated_row, gated_row_avx512, gated_row_avx2, (&gu, act, &mut b));
+            assert_eq!(a, b, "{act:?}");
+        }
+        let (k, vals, q) = (v(64 * 40, 4), v(40 * 64, 6), v(6 * 32, 5));
+        let view = KvView { kt: &k, kt_stride: 40, v: &vals, v_stride: 64, n: 40 };
+        let p = AttnParams {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 32,
+            scale: ScoreScale::Mul(0.17),
+            softcap: Some(20.0),
+            window: Some(30),
+        };
+        let (mut a, mut b) = (vec![0f32; 192], vec![0f32; 192]);
+        attend(&q, 39, view, &p, &mut a);
+        dispatch!(simd, attend, attend_avx512, attend_avx2, (&q, 39, view, &p, &mut b));
+        assert_eq!(a, b, "attend");
+    }
+
+    #[test]
     fn rms_norm_of_a_constant_row_is_the_gain() {
         let x = vec![3.0f32; 4];
         let g = vec![1.0, 2.0, 0.5, -1.0];
@@ -387,9 +608,10 @@ mod tests {
 
     #[test]
     fn attention_with_one_key_returns_its_value_and_windows_limit_keys() {
-        // Two positions, one head of dim 2; keys/values stored [k | v] per row with stride 4.
-        let kv_rows = [1.0f32, 0.0, 10.0, 20.0, 0.0, 1.0, 30.0, 40.0];
-        let view = KvView { k: &kv_rows[..], v: &kv_rows[2..], stride: 4, n: 2 };
+        // Two positions, one head of dim 2: keys (1, 0) and (0, 1) transposed, values stored [v] per row.
+        let kt = [1.0f32, 0.0, 0.0, 1.0];
+        let values = [10.0f32, 20.0, 30.0, 40.0];
+        let view = KvView { kt: &kt, kt_stride: 2, v: &values, v_stride: 2, n: 2 };
         let q = [1.0f32, 1.0, 1.0, 1.0];
         let params = |window| AttnParams {
             heads: 1,
