@@ -231,6 +231,8 @@ pub enum Positions {
 
 /// Copies the activations at chosen sites. Each forward call appends, prompt by prompt in batch order:
 /// with [`Positions::Last`]`(n)` exactly `n` rows per prompt, with [`Positions::All`] every token row.
+/// During generation every step is a call whose segments hold one new token per prompt still going, so
+/// a capture there should use [`Positions::All`] (a `Last(n)` with `n > 1` fails at the first step).
 pub struct Capture {
     positions: Positions,
     data: BTreeMap<At, Vec<f32>>,

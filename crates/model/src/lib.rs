@@ -1,14 +1,35 @@
 //! The runtime `find` and `verify` run on: the forward pass of every supported family in f32 on the CPU,
 //! with hook sites on the residual stream, and greedy generation with a KV cache.
 //!
-//! - [`Model::load`] converts a validated [`checkpoint::Checkpoint`] (any stored float dtype) to f32 once.
+//! - [`Model::load`] converts a validated [`checkpoint::Checkpoint`] (any stored float dtype) to f32 once
+//!   (the token embedding stays in the memory map and is decoded row by row).
 //! - [`Batch`] holds prompts of different lengths *packed*, without padding: dense work (projections,
 //!   norms, MLPs) runs on the real tokens only, attention runs per prompt, and position ids count real
 //!   tokens, so a prompt's outputs do not depend on what it is batched with (up to matmul rounding).
 //! - [`Hook`]s see the residual stream at four [`Site`]s of every layer and may read or change it;
 //!   [`Interventions`] (directional ablation, activation addition, method.md §7) and [`Capture`] are the
-//!   ready-made ones. With no hook ([`NoHook`]) nothing is called and nothing is copied.
+//!   ready-made ones. With no hook ([`NoHook`]) the cost is one `wants` call per site: nothing is copied.
+//! - [`Model::forward_from`] resumes at any layer from a given residual (method.md §5 prefix reuse);
+//!   [`Logits::Last`] computes the LM head for each prompt's last position only.
 //! - [`Model::generate`] decodes greedily, batched, stopping at end-of-turn ids, with hooks active.
+//!
+//! ```no_run
+//! use model::{At, Batch, Capture, Chain, GenerateOptions, Interventions, Logits, Model, NoHook, Positions, Site};
+//! # fn main() -> model::Result<()> {
+//! let m = Model::open(std::path::Path::new("models/smollm2"))?;
+//! let (layers, d) = (m.arch().layers, m.arch().hidden);
+//! let batch = Batch::new(&[vec![1, 9690, 198], vec![1, 504]])?;
+//! // The residual entering every layer at each prompt's last 2 positions, under directional ablation.
+//! let mut ablate = Interventions::ablation(layers, &vec![0.5; d])?;
+//! let mut capture = Capture::every_layer(layers, Site::Input, Positions::Last(2));
+//! let out = m.forward(&batch, Logits::Last, &mut Chain(vec![&mut ablate, &mut capture]))?;
+//! let x15 = capture.get(At { layer: 15, site: Site::Input }).unwrap(); // [2 prompts x 2 positions, d]
+//! let next_token_logits = out.row(0);
+//! // Greedy replies, stopping at end of turn.
+//! let opts = GenerateOptions { max_new_tokens: 64, stop_tokens: vec![2] };
+//! let replies = m.generate(&batch, &opts, &mut NoHook, &mut |_, _| std::ops::ControlFlow::Continue(()))?;
+//! # let _ = (x15, next_token_logits, replies); Ok(()) }
+//! ```
 //!
 //! Results do not depend on the thread count: parallel loops split independent rows, heads or output
 //! columns, and every sum has a fixed order. This crate never writes a file and never panics on input:
@@ -23,11 +44,12 @@ mod kernels;
 mod rope;
 mod weights;
 
-pub use arch::{Activation, Arch, AttentionKind, NormKind};
+pub use arch::{Activation, Arch, AttentionKind, MoeSpec, NormKind, ScoreScale};
 pub use batch::{Batch, Segment};
 pub use forward::{Forward, Logits, Model};
 pub use generate::{Finish, GenerateOptions, Generation};
 pub use hooks::{Acts, At, Capture, Chain, Hook, Interventions, NoHook, Positions, Site};
+pub use rope::RopeSpec;
 
 use std::path::PathBuf;
 
