@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use crate::host;
 use anyhow::{Context, Result, bail};
 use checkpoint::safetensors::{TensorEntry, write_header};
 use checkpoint::{Dtype, INDEX_FILE};
@@ -250,34 +251,6 @@ for f in os.listdir(model):
         shutil.copy(os.path.join(model, f), os.path.join(out, f))
 "#;
 
-fn python() -> Option<String> {
-    let py = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| "/work/pyenv/venv/bin/python".into());
-    let ok = Command::new(&py).args(["-c", "import torch, safetensors"]).output().is_ok_and(|o| o.status.success());
-    ok.then_some(py)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)))
-        .unwrap_or(0);
-    format!("{cpu}, {cores} cores, {:.0} GiB RAM", mem as f64 / (1 << 20) as f64)
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 pub fn run(args: &[&str]) -> Result<()> {
     let o = parse(args)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -291,9 +264,9 @@ pub fn run(args: &[&str]) -> Result<()> {
     let dir = o.dir.canonicalize()?;
     let direction = dir.join("direction.safetensors");
     write_direction(&direction)?;
-    let py = if o.torch { python() } else { None };
+    let py = if o.torch { host::python("torch, safetensors") } else { None };
     let mut table = String::new();
-    writeln!(table, "Machine: {}. Load average at start: {}.", machine(), load())?;
+    writeln!(table, "Machine: {}. Load average at start: {}.", host::machine(), host::load())?;
     writeln!(table)?;
     writeln!(
         table,
@@ -338,7 +311,7 @@ pub fn run(args: &[&str]) -> Result<()> {
                 e.wall,
                 e.cpu,
                 e.rss / 1024,
-                load()
+                host::load()
             );
             t_cp.push(c.wall);
             c_cp.push(c.cpu);
@@ -378,7 +351,7 @@ pub fn run(args: &[&str]) -> Result<()> {
             std::fs::remove_dir_all(&model)?;
         }
     }
-    writeln!(table, "\nLoad average at end: {}.", load())?;
+    writeln!(table, "\nLoad average at end: {}.", host::load())?;
     if !o.keep {
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use crate::host;
 use anyhow::{Context, Result, bail, ensure};
 use model::{Arch, Batch, GenerateOptions, Logits, Model, NoHook};
 use serde_json::Value;
@@ -112,38 +113,6 @@ fn matmul_peak() -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / t / 1e9)
 }
 
-fn python() -> Option<String> {
-    let py = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| "/work/pyenv/venv/bin/python".into());
-    let ok = Command::new(&py).args(["-c", "import torch, transformers"]).output().is_ok_and(|o| o.status.success());
-    ok.then_some(py)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let simd = if flags.contains(" avx512f") {
-        "AVX-512"
-    } else if flags.contains(" avx2") {
-        "AVX2"
-    } else {
-        "no AVX2"
-    };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!("{cpu}, {cores} cores, {simd}")
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 pub fn run(args: &[&str]) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
     let o = parse(args, &root)?;
@@ -165,10 +134,10 @@ pub fn run(args: &[&str]) -> Result<()> {
         prompts.push(chat.prompt_ids(item["instruction"].as_str().context("`instruction`")?, None)?);
     }
     ensure!(prompts.len() == 128, "fewer than 128 prompts in `{}`", prompts_json.display());
-    let start_load = load();
+    let start_load = host::load();
 
     // PyTorch first (it also checks that both sides tokenize alike).
-    let torch = match (o.torch, python()) {
+    let torch = match (o.torch, host::python("torch, transformers")) {
         (true, Some(py)) => {
             let out = root.join("target/bench-forward-torch.json");
             eprintln!("PyTorch: running crates/model/benches/torch_forward.py (several minutes)");
@@ -235,9 +204,9 @@ pub fn run(args: &[&str]) -> Result<()> {
     writeln!(
         t,
         "Machine: {}; {} threads. Load average at start: {start_load}; at end: {}.",
-        machine(),
+        host::machine(),
         o.threads,
-        load()
+        host::load()
     )?;
     writeln!(t, "Model: `{}` (float32). Best of {} runs after a warm-up.", o.model.display(), o.runs)?;
     writeln!(t)?;

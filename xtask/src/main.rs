@@ -4,6 +4,7 @@
 mod bench_edit;
 mod bench_forward;
 mod fixtures;
+mod host;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

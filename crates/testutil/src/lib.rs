@@ -35,11 +35,8 @@ pub fn smollm2() -> Option<PathBuf> {
                 return None;
             };
             let out = workspace_root().join("target/test-models/smollm2-135m-instruct");
-            let status = Command::new("bash")
-                .arg(shared.join("models/build-smollm2.sh"))
-                .arg(&out)
-                .status()
-                .expect("bash runs");
+            let status =
+                Command::new("bash").arg(shared.join("models/build-smollm2.sh")).arg(&out).status().expect("bash runs");
             assert!(status.success(), "build-smollm2.sh failed ({status}); see its output above");
             Some(out)
         })
