@@ -162,13 +162,23 @@ pub fn decode_f64(dtype: Dtype, bytes: &[u8], out: &mut [f64]) {
                 *o = f64::from_le_bytes(c.try_into().expect("chunks_exact(8)"));
             }
         }
-        _ => {
-            let mut tmp = vec![0f32; out.len()];
-            decode_f32(dtype, bytes, &mut tmp);
-            for (o, v) in out.iter_mut().zip(tmp) {
-                *o = v as f64;
+        // Directly, with no temporary buffer: callers decode in small pieces on hot paths.
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
             }
         }
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64;
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64();
+            }
+        }
+        _ => unreachable!("float_size() admits only float dtypes"),
     }
 }
 

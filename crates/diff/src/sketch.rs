@@ -22,7 +22,7 @@
 use std::ops::Range;
 
 use checkpoint::Dtype;
-use checkpoint::dtype::decode_f32;
+use checkpoint::dtype::decode_f64;
 use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::svd::{self, ComputeSvdVectors};
@@ -583,16 +583,5 @@ fn pieces(a: Stored, b: Stored, start: usize, len: usize, mut f: impl FnMut(&[f6
 /// Decodes `out.len()` elements of `t` from element `start`, exactly, into f64.
 fn decode(t: Stored, start: usize, out: &mut [f64]) {
     let size = t.size();
-    let bytes = &t.bytes[start * size..(start + out.len()) * size];
-    if t.dtype == Dtype::F64 {
-        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-            *o = f64::from_le_bytes(c.try_into().expect("chunks_exact(8)"));
-        }
-    } else {
-        let mut tmp = [0f32; PIECE];
-        decode_f32(t.dtype, bytes, &mut tmp[..out.len()]);
-        for (o, v) in out.iter_mut().zip(&tmp) {
-            *o = *v as f64;
-        }
-    }
+    decode_f64(t.dtype, &t.bytes[start * size..(start + out.len()) * size], out);
 }
