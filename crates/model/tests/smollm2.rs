@@ -21,7 +21,7 @@ fn fixture() -> Option<&'static Fixture> {
         let dir = testutil::smollm2()?;
         let model = Model::open(&dir).expect("the real model loads");
         let reference = Reference::open(&testutil::fixtures().join("smollm2/reference.safetensors"));
-        let direction = edit::Direction::load(&testutil::smollm2_direction()?, model.arch().hidden)
+        let direction = direction::Direction::load(&testutil::smollm2_direction()?, model.arch().hidden)
             .expect("the shared direction loads")
             .values;
         Some(Fixture { model, reference, direction })
