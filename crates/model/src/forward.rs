@@ -74,6 +74,19 @@ impl RowCache {
             len: 0,
         }
     }
+
+    /// A copy of the first `len` positions, with room for `capacity` (prefix reuse, `prefix.rs`).
+    pub fn extended(&self, capacity: usize, kv_width: usize) -> RowCache {
+        let mut out = RowCache::new(self.layers.len(), capacity.max(self.len), kv_width);
+        for ((kt, v), (new_kt, new_v)) in self.layers.iter().zip(&mut out.layers) {
+            for c in 0..kv_width {
+                new_kt[c * out.capacity..][..self.len].copy_from_slice(&kt[c * self.capacity..][..self.len]);
+            }
+            new_v.extend_from_slice(v);
+        }
+        out.len = self.len;
+        out
+    }
 }
 
 /// Per-token facts shared by every layer of one pass.
