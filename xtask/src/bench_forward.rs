@@ -284,7 +284,12 @@ pub fn run(args: &[&str]) -> Result<()> {
     let row = |t: &mut String, what: &str, unit: &str, theirs: Option<f64>, f32: f64, stored: f64| -> Result<()> {
         let ratio = |x: f64| theirs.map_or(String::new(), |p| format!("**{:.2}x**", x / p));
         let theirs = theirs.map_or(String::new(), |p| format!("{p:.1} {unit}"));
-        writeln!(t, "| {what} | {theirs} | {f32:.1} {unit} | {} | {stored:.1} {unit} | {} |", ratio(f32), ratio(stored))?;
+        writeln!(
+            t,
+            "| {what} | {theirs} | {f32:.1} {unit} | {} | {stored:.1} {unit} | {} |",
+            ratio(f32),
+            ratio(stored)
+        )?;
         Ok(())
     };
     row(
