@@ -1,8 +1,9 @@
 //! Project tasks: `cargo xtask fixtures` regenerates the committed tiny checkpoints;
-//! `cargo xtask bench edit|forward` runs the benchmarks recorded in docs/benchmarks.md.
+//! `cargo xtask bench edit|forward|forward-8b` runs the benchmarks recorded in docs/benchmarks.md.
 
 mod bench_edit;
 mod bench_forward;
+mod bench_large;
 mod fixtures;
 mod host;
 
@@ -12,6 +13,9 @@ fn main() -> anyhow::Result<()> {
         ["fixtures", rest @ ..] => fixtures::run(rest),
         ["bench", "edit", rest @ ..] => bench_edit::run(rest),
         ["bench", "forward", rest @ ..] => bench_forward::run(rest),
-        _ => anyhow::bail!("usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...]"),
+        ["bench", "forward-8b", rest @ ..] => bench_large::run(rest),
+        _ => anyhow::bail!(
+            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...] | bench forward-8b [...]"
+        ),
     }
 }
