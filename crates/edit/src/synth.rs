@@ -148,7 +148,7 @@ pub fn direction_file(parent: &Path, d: usize) -> PathBuf {
     meta.insert("layer".into(), json!("1"));
     meta.insert("position".into(), json!("-1"));
     meta.insert("source".into(), json!("synthetic"));
-    crate::direction::write(&p, &t.values, Dtype::F32, &meta).expect("writing a direction file");
+    direction::write(&p, &t.values, Dtype::F32, &meta).expect("writing a direction file");
     p
 }
 
@@ -163,7 +163,7 @@ pub fn hash_dir(dir: &Path) -> BTreeMap<String, String> {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
-                out.insert(rel, crate::direction::sha256_hex(&std::fs::read(&p).expect("readable file")));
+                out.insert(rel, direction::sha256_hex(&std::fs::read(&p).expect("readable file")));
             }
         }
     }
