@@ -8,10 +8,12 @@
 //! progress and results.
 
 pub mod equivalence;
+pub mod loss;
 pub mod manifest;
 pub mod wilson;
 
 pub use equivalence::{Caveat, Claim, Equivalence, equivalence};
+pub use loss::{Loss, cross_entropy};
 pub use manifest::EditRecord;
 pub use wilson::Rate;
 
