@@ -113,9 +113,9 @@ impl Model {
 
     /// Converts a checkpoint's weights to f32 (the embedding stays in the memory map).
     pub fn load(ckpt: Checkpoint) -> Result<Model> {
-        // transformers ties the head to the embedding whenever the config says so (a stored lm_head is
-        // then ignored); an untied config without lm_head.weight fails at load.
-        let arch = Arch::from_config(&ckpt.config, ckpt.config.tie_word_embeddings, &ckpt.dir.join("config.json"))?;
+        // The one tie rule (`Checkpoint::head`, shared with `edit`); an untied config without
+        // lm_head.weight fails at load.
+        let arch = Arch::from_config(&ckpt.config, ckpt.tied(), &ckpt.dir.join("config.json"))?;
         let w = Weights::load(&ckpt, &arch)?;
         Ok(Model { arch, w, ckpt })
     }
