@@ -863,3 +863,67 @@ fn help_snapshot() {
           -V, --version                Print version
     "#]].assert_eq(&r.stdout);
 }
+
+/// A tiny f32 Llama whose config.json ties the head to the embedding although `lm_head.weight` is
+/// stored too: an identical copy of the embedding, or a different tensor.
+fn tied_llama_with_stored_head(parent: &Path, identical: bool) -> PathBuf {
+    let dir = parent.join(if identical { "tied-copy" } else { "tied-stale" });
+    std::fs::create_dir_all(&dir).unwrap();
+    synth::write_config(&dir, &synth::llama_config(true));
+    let mut tensors = synth::llama_tensors(Dtype::F32, false);
+    if identical {
+        let embedding = tensors[0].values.clone();
+        tensors.last_mut().unwrap().values = embedding;
+    }
+    synth::write_safetensors(&dir.join("model.safetensors"), None, &tensors);
+    dir
+}
+
+/// Issue 13: `edit` read a tied config with a stored `lm_head.weight` as untied and left the config
+/// alone, while the runtime (like transformers 4.57) ignores the stored head and reads the embedding,
+/// so the edited embedding silently became the output head. One rule now (`Checkpoint::head`): the
+/// edited model's logits equal directional ablation of the model the runtime loads from the input.
+#[test]
+fn a_tied_config_with_a_stored_head_edits_to_directional_ablation() {
+    use model::{Batch, Interventions, Logits, Model, NoHook};
+    for identical in [false, true] {
+        let t = Setup::new(|p| tied_llama_with_stored_head(p, identical));
+        let out = t.out("out");
+        let r = t.edit(&out, &["--json"]);
+        ok(&r);
+        let m = manifest(&out);
+        assert_eq!(m["tie"], "untied");
+        assert_eq!(m["added"].as_array().unwrap().len(), usize::from(!identical), "{}", m["added"]);
+        let config: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["tie_word_embeddings"], false);
+        // Every loader now reads the same head: the original embedding, stored as lm_head.weight.
+        let input = Checkpoint::open(&t.model).unwrap();
+        let edited = Checkpoint::open(&out).unwrap();
+        let (emb, _) = input.get("model.embed_tokens.weight").unwrap();
+        let (head, _) = edited.get("lm_head.weight").unwrap();
+        assert_eq!(edited.bytes(head), input.bytes(emb));
+        assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5 + usize::from(!identical));
+
+        let direction = edit::Direction::load(&t.direction, synth::HIDDEN).unwrap();
+        let batch = Batch::new(&[vec![1, 5, 9, 20, 33, 70]]).unwrap();
+        let mut ablation = Interventions::ablation(synth::LAYERS, &direction.values).unwrap();
+        let want = Model::open(&t.model).unwrap().forward(&batch, Logits::All, &mut ablation).unwrap().logits;
+        let got = Model::open(&out).unwrap().forward(&batch, Logits::All, &mut NoHook).unwrap().logits;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale, "identical {identical}: max |logit diff| {diff} of {scale}");
+        drop(input);
+        drop(edited);
+
+        // --keep-tie cannot keep such a tie unambiguous.
+        let r = t.edit(&t.out("kept"), &["--keep-tie"]);
+        assert_eq!(r.code, 2);
+        assert_eq!(
+            r.stderr,
+            "error: --keep-tie: config.json ties the LM head to the embedding, but `lm_head.weight` is stored too \
+             (transformers 4.57 ignores it; transformers 5 reads it where it differs from the embedding), so the \
+             edited embedding would be the head for some loaders and not for others; edit without --keep-tie (the \
+             head becomes the original embedding, untied)\n"
+        );
+    }
+}

@@ -33,6 +33,13 @@ pub enum Error {
     Layers { spec: String, problem: String },
     #[error("--exclude `{pattern}` is not a valid glob: {reason}")]
     Pattern { pattern: String, reason: String },
+    #[error(
+        "--keep-tie: config.json ties the LM head to the embedding, but `{name}` is stored too (transformers 4.57 \
+         ignores it; transformers 5 reads it where it differs from the embedding), so the edited embedding would \
+         be the head for some loaders and not for others; edit without --keep-tie (the head becomes the original \
+         embedding, untied)"
+    )]
+    KeepTieStoredHead { name: String },
     #[error("--scale {0} is not a finite number")]
     Scale(f64),
     #[error("output `{}` is the model directory itself; the input is never modified, so choose another -o", out.display())]

@@ -10,7 +10,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::Direction;
-use crate::plan::{Plan, Tie};
+use crate::plan::Plan;
 
 /// One file of the input or the output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,30 +98,6 @@ impl Report {
     }
 }
 
-pub fn tie_note(tie: Tie) -> &'static str {
-    match tie {
-        Tie::NotTied => "the checkpoint stores its own lm_head; nothing to untie",
-        Tie::Untie => {
-            "untied: lm_head.weight is the original embedding and tie_word_embeddings is false, so the edited \
-             model equals directional ablation (method.md §6)"
-        }
-        Tie::KeepTie => {
-            "--keep-tie: the embedding is tied to the LM head, so the edit also changes the unembedding; the \
-             edited model is not equivalent to directional ablation (method.md §7)"
-        }
-        Tie::TiedUnedited => "tied embeddings left tied: the embedding is not edited",
-    }
-}
-
-fn tie_label(tie: Tie) -> &'static str {
-    match tie {
-        Tie::NotTied => "not_tied",
-        Tie::Untie => "untied",
-        Tie::KeepTie => "kept_tie",
-        Tie::TiedUnedited => "tied_unedited",
-    }
-}
-
 fn files(records: &[FileRecord]) -> Value {
     Value::Array(records.iter().map(|r| json!({"path": r.path, "sha256": r.sha256, "bytes": r.bytes})).collect())
 }
@@ -157,12 +133,13 @@ pub fn plan_json(plan: &Plan) -> Value {
         })).collect::<Vec<_>>(),
         "edited_bytes": plan.edit_bytes(),
         "added": plan.added.iter().map(|a| json!({
-            "name": a.name, "file": a.file, "copy_of": a.copy_of, "dtype": a.dtype.as_str(), "shape": a.shape, "bytes": a.bytes,
+            "name": a.name, "file": a.file, "copy_of": a.copy_of, "replaces_stored": a.replaces.is_some(),
+            "dtype": a.dtype.as_str(), "shape": a.shape, "bytes": a.bytes,
         })).collect::<Vec<_>>(),
         "excluded": plan.excluded.iter().map(|x| json!({"name": x.name, "file": x.file, "reason": x.reason.to_string()})).collect::<Vec<_>>(),
         "exclude_patterns": plan.patterns.iter().map(|p| json!({"pattern": p.pattern, "matched": p.matched})).collect::<Vec<_>>(),
-        "tie": tie_label(plan.tie),
-        "tie_note": tie_note(plan.tie),
+        "tie": plan.tie.label(),
+        "tie_note": plan.tie_note(),
         "unchanged_tensors": plan.unchanged,
         "unchanged_bytes": plan.unchanged_bytes,
     })
@@ -200,8 +177,8 @@ pub(crate) fn build(p: ManifestParts<'_>) -> Value {
     m.insert("model".into(), json!(p.model));
     m.insert("direction".into(), direction_json(p.direction));
     m.insert("options".into(), options_json(p.plan));
-    m.insert("tie".into(), json!(tie_label(p.plan.tie)));
-    m.insert("tie_note".into(), json!(tie_note(p.plan.tie)));
+    m.insert("tie".into(), json!(p.plan.tie.label()));
+    m.insert("tie_note".into(), json!(p.plan.tie_note()));
     m.insert(
         "projection_definition".into(),
         json!(

@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use checkpoint::{Checkpoint, Dtype, Family, Role, Site, TensorRef, Writer, WriterKind};
+use checkpoint::{Checkpoint, Dtype, Family, Head, Role, Site, TensorRef, Writer, WriterKind};
 
 use crate::{Direction, Error, Result};
 
@@ -151,8 +151,11 @@ pub fn writer_label(w: &Writer) -> String {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Added {
     pub name: String,
-    /// Shard it is appended to (the one holding the embedding).
+    /// Shard it is appended to (the one holding the embedding), or that holds the tensor it replaces.
     pub file: String,
+    /// A stored tensor of the same name, dtype and shape whose bytes it takes the place of, at the
+    /// same offsets: an `lm_head.weight` that config.json's tie made loaders ignore.
+    pub replaces: Option<TensorRef>,
     /// The tensor whose original bytes it copies.
     pub copy_of: String,
     pub source: TensorRef,
@@ -190,7 +193,7 @@ pub struct Excluded {
     pub reason: ExcludeReason,
 }
 
-/// What happens to tied embeddings.
+/// What happens to tied embeddings (the rule of what the head reads is [`Checkpoint::head`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tie {
     /// The checkpoint stores its own LM head (or the config unties it): nothing to do.
@@ -203,6 +206,18 @@ pub enum Tie {
     KeepTie,
     /// Tied, but the embedding is not edited: the tie stays and the head is unchanged.
     TiedUnedited,
+}
+
+impl Tie {
+    /// The one label of each case, in every JSON output (`inspect`, `edit --dry-run`, the manifest).
+    pub fn label(self) -> &'static str {
+        match self {
+            Tie::NotTied => "not_tied",
+            Tie::Untie => "untied",
+            Tie::KeepTie => "kept_tie",
+            Tie::TiedUnedited => "tied_unedited",
+        }
+    }
 }
 
 /// How often each `--exclude` glob matched.
@@ -224,6 +239,8 @@ pub struct Plan {
     /// Tensors deliberately left unedited, with why.
     pub excluded: Vec<Excluded>,
     pub patterns: Vec<PatternUse>,
+    /// What the input's LM head reads.
+    pub head: Head,
     pub tie: Tie,
     /// Tensors copied unchanged (everything not in `edits`), and their bytes.
     pub unchanged: usize,
@@ -236,9 +253,35 @@ impl Plan {
         self.edits.iter().map(|e| e.bytes).sum()
     }
 
-    /// Bytes of tensor data added.
+    /// Bytes of tensor data added (appended; a tensor that replaces a stored one adds none).
     pub fn added_bytes(&self) -> u64 {
-        self.added.iter().map(|a| a.bytes).sum()
+        self.added.iter().filter(|a| a.replaces.is_none()).map(|a| a.bytes).sum()
+    }
+
+    /// What the edit does about tied embeddings, in one sentence.
+    pub fn tie_note(&self) -> String {
+        match (self.tie, self.head) {
+            (Tie::NotTied, _) => "the checkpoint stores its own lm_head; nothing to untie".into(),
+            (Tie::Untie, Head::TiedIgnoringStored { identical: false }) => format!(
+                "untied: config.json tied the LM head to the embedding, so loaders (transformers 4.57, the \
+                 runtime) ignored the stored, different `{}`; it is replaced by the original embedding and \
+                 tie_word_embeddings is false, so the edited model equals directional ablation (docs/method.md §6)",
+                self.added.first().map_or("lm_head.weight", |a| a.name.as_str())
+            ),
+            (Tie::Untie, Head::TiedIgnoringStored { identical: true }) => {
+                "untied: the stored lm_head.weight is already a copy of the original embedding; it is kept and \
+                 tie_word_embeddings is false, so the edited model equals directional ablation (docs/method.md §6)"
+                    .into()
+            }
+            (Tie::Untie, _) => "untied: lm_head.weight is the original embedding and tie_word_embeddings is false, \
+                                so the edited model equals directional ablation (docs/method.md §6)"
+                .into(),
+            (Tie::KeepTie, _) => "--keep-tie: the embedding is tied to the LM head, so the edit also changes the \
+                                  unembedding; the edited model is not equivalent to directional ablation \
+                                  (docs/method.md §6)"
+                .into(),
+            (Tie::TiedUnedited, _) => "tied embeddings left tied: the embedding is not edited".into(),
+        }
     }
 
     /// Number of edited tensors per writer label, in a stable order.
@@ -458,19 +501,47 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
         });
     }
 
-    let tie = match (ckpt.tied(), embedding_edited, opts.keep_tie) {
+    let head = ckpt.head();
+    let tie = match (head.tied(), embedding_edited, opts.keep_tie) {
         (false, _, _) => Tie::NotTied,
         (true, false, _) => Tie::TiedUnedited,
         (true, true, true) => Tie::KeepTie,
         (true, true, false) => Tie::Untie,
     };
+    let stored_head = ckpt.lm_head_name().and_then(|n| ckpt.get(n)).map(|(r, t)| (r, t.name.clone()));
+    if let (Tie::KeepTie, Head::TiedIgnoringStored { .. }, Some((_, name))) = (tie, head, &stored_head) {
+        return Err(Error::KeepTieStoredHead { name: name.clone() });
+    }
     let mut added = Vec::new();
-    if tie == Tie::Untie {
+    if tie == Tie::Untie && head != (Head::TiedIgnoringStored { identical: true }) {
         let (source, name) = embedding.expect("an edited embedding was seen");
         let t = ckpt.entry(source);
+        // A stored head that the tie made loaders ignore is replaced in place by the original
+        // embedding (so that every loader reads the same head); otherwise the head is appended.
+        let (head_name, file, replaces) = match &stored_head {
+            Some((r, head_name)) => {
+                let h = ckpt.entry(*r);
+                if h.dtype != t.dtype || h.shape != t.shape {
+                    return Err(ckpt
+                        .tensor_error(
+                            *r,
+                            format!(
+                                "config.json ties the LM head to the embedding, so this stored head is ignored; \
+                                 untying must replace it with the original embedding `{name}`, but it is {} {:?} \
+                                 and the embedding is {} {:?}",
+                                h.dtype, h.shape, t.dtype, t.shape
+                            ),
+                        )
+                        .into());
+                }
+                (head_name.clone(), ckpt.file_of(*r).to_string(), Some(*r))
+            }
+            None => (lm_head_name(&name), ckpt.file_of(source).to_string(), None),
+        };
         added.push(Added {
-            name: lm_head_name(&name),
-            file: ckpt.file_of(source).to_string(),
+            name: head_name,
+            file,
+            replaces,
             copy_of: name,
             source,
             dtype: t.dtype,
@@ -487,6 +558,7 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
         added,
         excluded,
         patterns,
+        head,
         tie,
         unchanged,
         unchanged_bytes,

@@ -330,6 +330,9 @@ enum Segment {
     Copy { shard: usize, range: std::ops::Range<u64>, in_order: bool },
     /// Edit number `index` of the plan.
     Edit(usize),
+    /// Input bytes `own` of this shard (hashed, not written) replaced by bytes `from` of input
+    /// shard `shard`, of the same length: a stored head replaced by the original embedding.
+    Replace { own: std::ops::Range<u64>, shard: usize, from: std::ops::Range<u64> },
 }
 
 /// The output layout of one shard.
@@ -348,29 +351,37 @@ fn shard_layout(ckpt: &Checkpoint, plan: &Plan, si: usize, direction_sha: &str) 
     metadata.insert("abliterate_direction_sha256".into(), Value::String(direction_sha.into()));
     let mut tensors: Vec<TensorEntry> = shard.header.tensors.clone();
     let mut segments = Vec::new();
-    let mut edits: Vec<(usize, usize)> = plan
+    let abs = |r: checkpoint::TensorRef| {
+        let t = ckpt.entry(r);
+        let start = ckpt.shards[r.shard].header.data_start() as u64;
+        start + t.begin as u64..start + t.end as u64
+    };
+    // Rewritten stretches of this shard, in file order: edits, and stored tensors replaced whole.
+    let mut rewritten: Vec<(std::ops::Range<u64>, Segment)> = plan
         .edits
         .iter()
         .enumerate()
         .filter(|(_, e)| e.tensor.shard == si)
-        .map(|(i, e)| (ckpt.entry(e.tensor).begin, i))
+        .map(|(i, e)| (abs(e.tensor), Segment::Edit(i)))
+        .chain(plan.added.iter().filter_map(|a| {
+            let r = a.replaces.filter(|r| r.shard == si)?;
+            Some((abs(r), Segment::Replace { own: abs(r), shard: a.source.shard, from: abs(a.source) }))
+        }))
         .collect();
-    edits.sort();
+    rewritten.sort_by_key(|(range, _)| range.start);
     let mut cursor = data_start;
-    for (begin, i) in edits {
-        let t = ckpt.entry(plan.edits[i].tensor);
-        let (b, e) = (data_start + begin as u64, data_start + t.end as u64);
-        if b > cursor {
-            segments.push(Segment::Copy { shard: si, range: cursor..b, in_order: true });
+    for (range, segment) in rewritten {
+        if range.start > cursor {
+            segments.push(Segment::Copy { shard: si, range: cursor..range.start, in_order: true });
         }
-        segments.push(Segment::Edit(i));
-        cursor = e;
+        segments.push(segment);
+        cursor = range.end;
     }
     if shard.len() > cursor {
         segments.push(Segment::Copy { shard: si, range: cursor..shard.len(), in_order: true });
     }
     let mut end = data_len as usize;
-    for a in plan.added.iter().filter(|a| a.file == shard.file_name) {
+    for a in plan.added.iter().filter(|a| a.file == shard.file_name && a.replaces.is_none()) {
         let src = ckpt.entry(a.source);
         let src_start = ckpt.shards[a.source.shard].header.data_start() as u64;
         tensors.push(TensorEntry {
@@ -518,6 +529,10 @@ fn produce(ctx: &Ctx, si: usize, layout: &ShardLayout, sinks: &Sinks, pool: &Poo
         let sent = match seg {
             Segment::Copy { shard, range, in_order } => copy_range(ctx, *shard, range.clone(), *in_order, sinks, pool)?,
             Segment::Edit(i) => edit_tensor(ctx, *i, sinks, pool)?.map(|l| ledger.push(l)),
+            Segment::Replace { own, shard, from } => {
+                hash_range(ctx, si, own.clone(), sinks, pool)?;
+                copy_range(ctx, *shard, from.clone(), false, sinks, pool)?
+            }
         };
         if sent.is_err() {
             break;
@@ -551,6 +566,19 @@ fn copy_range(
         off += n as u64;
     }
     Ok(Ok(()))
+}
+
+/// Reads input bytes `range` of `shard` for the input hash only (they are not written).
+fn hash_range(ctx: &Ctx, shard: usize, range: std::ops::Range<u64>, sinks: &Sinks, pool: &Pool) -> Result<()> {
+    let mut off = range.start;
+    while off < range.end {
+        let n = (range.end - off).min(CHUNK as u64) as usize;
+        let mut buf = pool.take(n);
+        ctx.inputs[shard].read_exact_at(&mut buf, off).map_err(|e| ctx.read_error(shard, e))?;
+        sinks.hash(&Arc::new(buf));
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Two passes over one tensor, chunk by chunk: the projection `c` (and `||W||_F`) while the

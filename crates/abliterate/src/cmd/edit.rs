@@ -149,14 +149,16 @@ fn print_plan(args: &Args, ckpt: &Checkpoint, direction: &Direction, plan: &Plan
     println!("  rewrite: {} tensors, {} ({})", plan.edits.len(), human_bytes(plan.edit_bytes()), kinds(plan));
     for a in &plan.added {
         println!(
-            "  add: `{}` to `{}` ({}, a copy of the original `{}`)",
+            "  {}: `{}` {} `{}` ({}, a copy of the original `{}`)",
+            if a.replaces.is_some() { "replace" } else { "add" },
             a.name,
+            if a.replaces.is_some() { "in" } else { "to" },
             a.file,
             human_bytes(a.bytes),
             a.copy_of
         );
     }
-    println!("  tie: {}", edit::manifest::tie_note(plan.tie));
+    println!("  tie: {}", plan.tie_note());
     if let Some(x) = excluded_summary(plan) {
         println!("  excluded: {x}");
     }
@@ -206,7 +208,7 @@ fn print_summary(args: &Args, out: &std::path::Path, ckpt: &Checkpoint, plan: &P
         );
     }
     if plan.tie != Tie::NotTied {
-        println!("  {}", edit::manifest::tie_note(plan.tie));
+        println!("  {}", plan.tie_note());
     }
     if let Some(x) = excluded_summary(plan) {
         println!("  excluded: {x}");

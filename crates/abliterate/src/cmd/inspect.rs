@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
-use checkpoint::{Checkpoint, Role, Site, WriterKind};
+use checkpoint::{Checkpoint, Head, Role, Site, WriterKind};
 use edit::{Options, Plan, Tie, human_bytes};
 use serde_json::{Map, Value, json};
 
@@ -183,7 +183,7 @@ impl Info {
                 layer_text(&layers.into_iter().collect::<Vec<_>>()),
                 count(self.post_norms.len(), "tensor")
             ));
-            line("  so the edit removes ŝ = (g ⊙ r̂)/|g ⊙ r̂| of each layer from its writers (method.md §6)".into());
+            line("  so the edit removes ŝ = (g ⊙ r̂)/|g ⊙ r̂| of each layer from its writers (docs/method.md §6)".into());
         }
         if !self.others.is_empty() {
             let n: usize = self.others.values().sum();
@@ -302,7 +302,9 @@ impl Info {
                 "tied": ckpt.tied(),
                 "config_value": c.tie_word_embeddings,
                 "lm_head_stored": ckpt.has_lm_head(),
-                "default_edit": tie_label(plan.tie),
+                "stored_lm_head_ignored": matches!(plan.head, Head::TiedIgnoringStored { .. }),
+                "stored_lm_head_identical": matches!(plan.head, Head::TiedIgnoringStored { identical: true }),
+                "default_edit": plan.tie.label(),
                 "explanation": tie_text(ckpt, plan),
             },
             "chat_template": {
@@ -323,6 +325,7 @@ impl Info {
                     "name": a.name,
                     "copy_of": a.copy_of,
                     "file": a.file,
+                    "replaces_stored": a.replaces.is_some(),
                     "dtype": a.dtype.as_str(),
                     "shape": a.shape,
                     "bytes": a.bytes,
@@ -384,29 +387,41 @@ fn layer_text(layers: &[usize]) -> String {
     format!("layer{s} {}", parts.join(", "))
 }
 
-fn tie_label(t: Tie) -> &'static str {
-    match t {
-        Tie::NotTied => "not_tied",
-        Tie::Untie => "untie",
-        Tie::KeepTie => "keep_tie",
-        Tie::TiedUnedited => "tied_unedited",
-    }
-}
-
 fn tie_text(ckpt: &Checkpoint, plan: &Plan) -> String {
-    match plan.tie {
-        Tie::NotTied if ckpt.has_lm_head() => "no (lm_head.weight is stored)".to_string(),
-        Tie::NotTied => "no".to_string(),
-        Tie::Untie => {
+    let head = ckpt.lm_head_name().unwrap_or("lm_head.weight");
+    match (plan.tie, plan.head) {
+        (Tie::NotTied, _) => format!("no (`{head}` is stored)"),
+        (_, Head::TiedIgnoringStored { identical }) => {
+            let stored = if identical {
+                format!("`{head}` is also stored, an identical copy of the embedding")
+            } else {
+                format!(
+                    "`{head}` is also stored but differs from the embedding: transformers 4.57 and the runtime \
+                     ignore it (transformers 5 would read it)"
+                )
+            };
+            let edit = match plan.tie {
+                Tie::Untie if identical => "the default edit keeps it as the original embedding and sets \
+                                            tie_word_embeddings false (docs/method.md §6)"
+                    .to_string(),
+                Tie::Untie => format!(
+                    "the default edit replaces it with the original embedding and sets tie_word_embeddings false \
+                     (docs/method.md §6)"
+                ),
+                _ => "the embedding is not edited, so the tie stays".to_string(),
+            };
+            format!("yes (config.json ties them); {stored}; {edit}")
+        }
+        (Tie::Untie, _) => {
             let a = plan.added.first().expect("untie adds the LM head");
             format!(
-                "yes (no `{}` stored); the default edit unties them (method.md §6): it adds `{}` = the original \
+                "yes (no `{}` stored); the default edit unties them (docs/method.md §6): it adds `{}` = the original \
                  embedding and sets tie_word_embeddings false; --keep-tie keeps the tie and also edits the unembedding",
                 a.name, a.name,
             )
         }
-        Tie::KeepTie => "yes, kept: the edit also changes the unembedding".to_string(),
-        Tie::TiedUnedited => "yes; the embedding is not edited, so the tie stays".to_string(),
+        (Tie::KeepTie, _) => "yes, kept: the edit also changes the unembedding".to_string(),
+        (Tie::TiedUnedited, _) => "yes; the embedding is not edited, so the tie stays".to_string(),
     }
 }
 
