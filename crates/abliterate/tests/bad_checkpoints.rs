@@ -338,3 +338,21 @@ fn unknown_tensor() {
         run.stdout
     );
 }
+
+/// Issue 13: `head_dim` had two defaults (hidden / heads in `checkpoint`, 256 for Gemma in the
+/// runtime), so `edit` accepted a Gemma checkpoint without `head_dim` that `generate` then refused.
+/// One definition now: both read head_dim 256 and both refuse its [64, 64] attention.
+#[test]
+fn gemma_without_head_dim_gets_transformers_default_everywhere() {
+    let m = Broken::of("models/gemma/bf16");
+    m.edit_json("config.json", |v| {
+        v.as_object_mut().unwrap().remove("head_dim");
+    });
+    m.fails_with(
+        "tensor `model.layers.0.self_attn.o_proj.weight` in `model.safetensors`: shape [64, 64] contradicts \
+         config.json (hidden_size 64, num_attention_heads 4 x head_dim 256)",
+    );
+    let run = abliterate(["generate", &m.d(), "--prompt", "hi", "--max-new-tokens", "1"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("[1024, 64]"), "{}", run.stderr);
+}
