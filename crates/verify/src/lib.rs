@@ -7,14 +7,19 @@
 //! This crate never changes a model and never prints: the CLI (`abliterate verify`, `abliterate run`) shows
 //! progress and results.
 
+pub mod chart;
 pub mod equivalence;
+pub mod gate;
 pub mod loss;
 pub mod manifest;
+pub mod report;
 pub mod wilson;
 
 pub use equivalence::{Caveat, Claim, Equivalence, equivalence};
+pub use gate::{Gates, Measured, Verdict};
 pub use loss::{Loss, cross_entropy};
 pub use manifest::EditRecord;
+pub use report::Report;
 pub use wilson::Rate;
 
 /// Everything that can go wrong while verifying. Messages are lowercase and name the thing.
