@@ -113,10 +113,11 @@ pub enum Against {
 }
 
 impl Against {
+    /// `r` or `s(NORM)` ([`checkpoint::roles::unit_label`]).
     pub fn label(&self) -> String {
         match self {
-            Against::Direction => "r".to_string(),
-            Against::GainWeighted { norm, .. } => format!("gain-weighted by `{norm}`"),
+            Against::Direction => checkpoint::roles::unit_label(None),
+            Against::GainWeighted { norm, .. } => checkpoint::roles::unit_label(Some(norm)),
         }
     }
 }
@@ -137,14 +138,10 @@ pub struct TensorEdit {
 }
 
 impl TensorEdit {
-    /// `attn_out`, `mlp_down`, ... with `_bias` for biases.
+    /// `attn_out`, `mlp_down`, ... with `_bias` for biases ([`Writer::label`]).
     pub fn kind_label(&self) -> String {
-        writer_label(&self.writer)
+        self.writer.label()
     }
-}
-
-pub fn writer_label(w: &Writer) -> String {
-    if w.bias { format!("{}_bias", w.kind.label()) } else { w.kind.label().to_string() }
 }
 
 /// A tensor the edit adds: the untied LM head, a byte copy of the original embedding.
@@ -292,7 +289,7 @@ impl Plan {
                 let n = self.edits.iter().filter(|e| e.writer.kind == kind && e.writer.bias == bias).count();
                 if n > 0 {
                     let w = Writer { kind, layer: None, expert: None, bias, model_axis: 0 };
-                    out.push((writer_label(&w), n));
+                    out.push((w.label(), n));
                 }
             }
         }
@@ -326,7 +323,7 @@ impl Plan {
                         out.push(s.clone());
                         continue;
                     }
-                    let s: Arc<[f64]> = gain_weighted_unit(ckpt, *norm_tensor, &r_hat)?.into();
+                    let s: Arc<[f64]> = ckpt.gain_weighted_unit(*norm_tensor, &r_hat)?.into();
                     gain_weighted.insert(key, s.clone());
                     out.push(s);
                 }
@@ -334,31 +331,6 @@ impl Plan {
         }
         Ok(out)
     }
-}
-
-/// `ŝ = (g ⊙ r̂)/||g ⊙ r̂||` with `g = 1 + w` in f64 from the exact stored gain (method.md §6).
-fn gain_weighted_unit(ckpt: &Checkpoint, norm: TensorRef, r_hat: &[f64]) -> Result<Vec<f64>> {
-    let t = ckpt.entry(norm);
-    let d = r_hat.len();
-    if t.shape != [d] || !t.dtype.is_float() {
-        return Err(ckpt
-            .tensor_error(
-                norm,
-                format!("a post-norm gain must be a float vector of hidden_size {d}, found {} {:?}", t.dtype, t.shape),
-            )
-            .into());
-    }
-    let mut w = vec![0f64; d];
-    checkpoint::dtype::decode_f64(t.dtype, ckpt.bytes(norm), &mut w);
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(ckpt.tensor_error(norm, format!("post-norm gain is not finite at index {i}")).into());
-    }
-    let s: Vec<f64> = w.iter().zip(r_hat).map(|(w, r)| (1.0 + w) * r).collect();
-    let n = s.iter().map(|v| v * v).sum::<f64>().sqrt();
-    if n == 0.0 {
-        return Ok(vec![0.0; d]);
-    }
-    Ok(s.iter().map(|v| v / n).collect())
 }
 
 /// The LM head name that unties a given embedding name.

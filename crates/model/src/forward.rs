@@ -76,6 +76,12 @@ impl RowCache {
             len: 0,
         }
     }
+
+    /// The bytes [`RowCache::new`] allocates (saturating).
+    pub fn bytes(layers: usize, capacity: usize, kv_width: usize) -> u64 {
+        let capacity = capacity.div_ceil(crate::kernels::LANES) as u64 * crate::kernels::LANES as u64;
+        (layers as u64).saturating_mul(capacity).saturating_mul(kv_width as u64).saturating_mul(2 * 4)
+    }
 }
 
 /// Per-token facts shared by every layer of one pass.

@@ -89,18 +89,23 @@ pub struct WeightsInfo {
 }
 
 impl WeightsInfo {
-    /// One line for humans, e.g. `bf16 (stored width), 16.1 GB; auto: f32 would need 32.1 GB of 22.3 GB available`.
+    /// One line for humans, e.g. `bf16 (stored width), 16.1 GB; auto: f32 would need 32.6 GB of 22.3 GB
+    /// available`.
     pub fn describe(&self) -> String {
         let gb = |b: u64| format!("{:.1} GB", b as f64 / 1e9);
-        let what = if self.width == WeightWidth::F32 { "f32".to_string() } else { self.dtypes.join("+") };
-        let mut s = format!("{what} ({} width), {}", self.width, gb(self.bytes));
+        let what = match self.width {
+            WeightWidth::F32 => "f32".to_string(),
+            _ => format!("{} (stored width)", self.dtypes.join("+")),
+        };
+        let mut s = format!("{what}, {}", gb(self.bytes));
         if self.requested == WeightWidth::Auto {
             match (self.width, self.available) {
                 (WeightWidth::F32, Some(a)) => {
                     s += &format!("; auto: f32 fits in half of the {} available", gb(a));
                 }
                 (_, Some(a)) if self.f32_bytes != self.stored_bytes => {
-                    s += &format!("; auto: f32 would need {} of {} available", gb(self.f32_bytes), gb(a));
+                    let f32_need = self.f32_bytes + WORKING_MARGIN;
+                    s += &format!("; auto: f32 would need {} of {} available", gb(f32_need), gb(a));
                 }
                 (_, None) => s += "; auto: available memory unknown, stored width",
                 _ => {}
@@ -214,6 +219,33 @@ mod tests {
             e.to_string(),
             "the model's weights at stored width need 30.5 GB of memory, but 22.0 GB are available"
         );
+    }
+
+    #[test]
+    fn the_choice_is_described() {
+        let info = |requested, width, available| WeightsInfo {
+            requested,
+            width,
+            dtypes: vec![if width == WeightWidth::F32 { "f32" } else { "bf16" }],
+            bytes: if width == WeightWidth::F32 { 32 * GB } else { 16 * GB },
+            f32_bytes: 32 * GB,
+            stored_bytes: 16 * GB,
+            available,
+        };
+        use WeightWidth::*;
+        assert_eq!(
+            info(Auto, Stored, Some(22 * GB)).describe(),
+            "bf16 (stored width), 16.0 GB; auto: f32 would need 32.5 GB of 22.0 GB available"
+        );
+        assert_eq!(
+            info(Auto, F32, Some(80 * GB)).describe(),
+            "f32, 32.0 GB; auto: f32 fits in half of the 80.0 GB available"
+        );
+        assert_eq!(
+            info(Auto, Stored, None).describe(),
+            "bf16 (stored width), 16.0 GB; auto: available memory unknown, stored width"
+        );
+        assert_eq!(info(F32, F32, None).describe(), "f32, 32.0 GB");
     }
 
     #[test]

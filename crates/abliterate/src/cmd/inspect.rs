@@ -85,7 +85,7 @@ impl Info {
                 Role::Writer(w) => {
                     let fused = w.kind == WriterKind::ExpertDown && w.expert.is_none() && t.shape.len() == 3;
                     let order = WriterKind::ALL.iter().position(|k| *k == w.kind).unwrap_or(0) * 2 + w.bias as usize;
-                    let g = groups.entry((order, diff::kind_label(&Role::Writer(w)), fused)).or_default();
+                    let g = groups.entry((order, w.label(), fused)).or_default();
                     *g.layers.entry(w.layer).or_default() += 1;
                     g.tensors += 1;
                     g.bytes += t.nbytes() as u64;
@@ -96,7 +96,7 @@ impl Info {
                     g.single = (g.tensors == 1).then(|| (t.name.clone(), t.shape.clone()));
                 }
                 Role::PostNorm { layer, site } => post_norms.push((t.name.clone(), layer, site)),
-                role => *others.entry(diff::kind_label(&role)).or_default() += 1,
+                role => *others.entry(role.label()).or_default() += 1,
             }
         }
         let writers = groups.into_iter().map(|((_, label, fused), g)| ((label, fused), g)).collect();
@@ -220,7 +220,7 @@ impl Info {
                 let Role::Writer(w) = ckpt.role(r) else { return None };
                 Some(json!({
                     "name": t.name,
-                    "kind": diff::kind_label(&Role::Writer(w)),
+                    "kind": w.label(),
                     "layer": w.layer,
                     "expert": w.expert,
                     "bias": w.bias,
@@ -317,10 +317,7 @@ impl Info {
                 "tensors": plan.edits.len(),
                 "bytes": plan.edit_bytes(),
                 "by_kind": plan.counts_by_kind().into_iter().map(|(k, n)| (k, json!(n))).collect::<Map<_, _>>(),
-                "against": plan.edits.iter().map(|e| (e.name.clone(), json!(match &e.against {
-                    edit::Against::Direction => "r".to_string(),
-                    edit::Against::GainWeighted { norm, .. } => format!("s({norm})"),
-                }))).collect::<Map<_, _>>(),
+                "against": plan.edits.iter().map(|e| (e.name.clone(), json!(e.against.label()))).collect::<Map<_, _>>(),
                 "added": plan.added.iter().map(|a| json!({
                     "name": a.name,
                     "copy_of": a.copy_of,
