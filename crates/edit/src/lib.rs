@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 pub use direction::{Direction, DirectionError};
 pub use manifest::{FileRecord, Ledger, Report};
-pub use output::OutputTarget;
+pub use output::{OutputTarget, TempDir};
 pub use plan::{Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, plan};
 pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write};
 
