@@ -1,5 +1,5 @@
 //! `abliterate edit` end to end: the real binary on small checkpoints built by the test
-//! (`edit::synth`), checking the output files byte by byte, the manifest, the options, and every
+//! (`testutil::synth`), checking the output files byte by byte, the manifest, the options, and every
 //! bad input with its exact message. The input is hashed before and after every run.
 
 mod util;
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use checkpoint::{Checkpoint, Dtype, Shard};
-use edit::synth;
 use serde_json::Value;
+use testutil::synth;
 use util::{Run, abliterate};
 
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
