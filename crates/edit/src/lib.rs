@@ -10,8 +10,6 @@ pub mod kernel;
 pub mod manifest;
 pub mod output;
 pub mod plan;
-#[doc(hidden)]
-pub mod synth;
 pub mod write;
 
 use std::path::PathBuf;
