@@ -83,7 +83,7 @@ impl Basis {
     /// A basis from vectors already orthonormal (e.g. read back from our own file), `[k, d]` row-major.
     /// Used where a basis must be carried bit for bit; `orthonormalize` is the checked way in.
     pub fn from_orthonormal(d: usize, values: Vec<f64>) -> Basis {
-        assert!(d > 0 && values.len() % d == 0 && !values.is_empty(), "a basis is [k, d] with k, d > 0");
+        assert!(d > 0 && values.len().is_multiple_of(d) && !values.is_empty(), "a basis is [k, d] with k, d > 0");
         Basis { d, values }
     }
 
@@ -332,7 +332,7 @@ pub fn write_subspace(
     dtype: Dtype,
     metadata: &Map<String, Value>,
 ) -> std::io::Result<()> {
-    assert!(k > 0 && vectors.len() % k == 0, "vectors are [k, d]");
+    assert!(k > 0 && vectors.len().is_multiple_of(k), "vectors are [k, d]");
     let d = vectors.len() / k;
     crate::write_tensors(path, &[(TENSOR, vectors, vec![k, d])], dtype, metadata)
 }

@@ -675,6 +675,51 @@ mod tests {
         assert_eq!(c, naive_c(view, &dec(Dtype::BF16, &bytes), &u));
     }
 
+    #[test]
+    fn variants_do_not_depend_on_chunks_or_threads_and_k1_keeps_the_fast_path() {
+        let view = View::new((2, 16, 24));
+        let w: Vec<f64> = (0..view.rows() * view.inner).map(|k| ((k * 7919 % 1013) as f64 - 500.0) / 97.0).collect();
+        let bytes = enc(Dtype::BF16, &w);
+        let u1 = unit_of(&(0..16).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>());
+        let u2 = unit_of(&(0..16).map(|i| (i as f64 * 0.11).cos() - 0.3).collect::<Vec<_>>());
+        // Make u2 orthogonal to u1 so that the two form a basis.
+        let h: f64 = u1.iter().zip(&u2).map(|(a, b)| a * b).sum();
+        let u2 = unit_of(&u2.iter().zip(&u1).map(|(b, a)| b - h * a).collect::<Vec<_>>());
+        let units: Vec<f64> = u1.iter().chain(&u2).copied().collect();
+        let edit = |rows_per: usize, threads: usize, units: &[f64], np: bool| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let row_bytes = view.inner * 2;
+                let k = units.len() / view.d;
+                let mut c = vec![0f64; k * view.columns()];
+                let mut sq = vec![0f64; view.columns()];
+                for r0 in (0..view.rows()).step_by(rows_per) {
+                    let r = r0..(r0 + rows_per).min(view.rows());
+                    let b = &bytes[r.start * row_bytes..r.end * row_bytes];
+                    accumulate_k(Dtype::BF16, view, r, b, units, &mut c, Some(&mut sq));
+                }
+                let f = np.then(|| norm_factors(&sq, &c, 0.8));
+                let mut out = vec![0u8; bytes.len()];
+                for r0 in (0..view.rows()).step_by(rows_per + 2) {
+                    let r = r0..(r0 + rows_per + 2).min(view.rows());
+                    let span = r.start * row_bytes..r.end * row_bytes;
+                    rewrite_k(Dtype::BF16, view, r, &bytes[span.clone()], units, &c, 0.8, f.as_deref(), &mut out[span]);
+                }
+                out
+            })
+        };
+        for np in [false, true] {
+            assert_eq!(edit(5, 1, &units, np), edit(32, 2, &units, np), "np {np}");
+        }
+        // k = 1 without factors takes the fast path; the general path gives the same bits.
+        let fast = edit(5, 2, &u1, false);
+        let mut c = vec![0f64; view.columns()];
+        accumulate(Dtype::BF16, view, 0..view.rows(), &bytes, &u1, &mut c, None);
+        let mut general = vec![0u8; bytes.len()];
+        rewrite_general::<Bf16>(view, 0..view.rows(), &bytes, &u1, &c, 0.8, None, &mut general);
+        assert_eq!(fast, general);
+    }
+
     /// Random tensors: a view, values of moderate range, and a direction.
     fn case() -> impl Strategy<Value = (View, Vec<f64>, Vec<f64>, f64)> {
         (1usize..3, 2usize..24, 1usize..20).prop_flat_map(|(outer, d, inner)| {

@@ -184,7 +184,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tent_matches_herectics_linear_interpolation() {
+    fn tent_matches_heretics_linear_interpolation() {
         let t = Tent::parse("1.0,10,0.2,4", "--kernel-attn").unwrap();
         assert_eq!(t.weight(10), 1.0);
         assert!((t.weight(12) - 0.6).abs() < 1e-15 && (t.weight(8) - 0.6).abs() < 1e-15);
