@@ -165,7 +165,7 @@ impl Interventions {
         keep_norm: bool,
     ) -> Result<&mut Self> {
         let d = self.hidden;
-        if basis.is_empty() || basis.len() % d != 0 {
+        if basis.is_empty() || !basis.len().is_multiple_of(d) {
             return Err(ModelError::Hook(format!(
                 "subspace projection: the basis has {} values, not k vectors of the model's hidden size {d}",
                 basis.len()
