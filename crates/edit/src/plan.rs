@@ -363,6 +363,43 @@ impl Plan {
     }
 }
 
+/// One edited write as the hooks see it (docs/variants.md, "Hooks"): the residual-stream write of a layer's
+/// attention or MLP (`site`), or the embedding (`layer` None: the residual entering layer 0), with the basis
+/// and scale its tensors were edited with. What `verify` projects at that site to reproduce the edit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOp {
+    pub layer: Option<usize>,
+    /// None for the embedding.
+    pub site: Option<Site>,
+    pub basis: Arc<Basis>,
+    pub scale: f64,
+    /// Norm-preserving edits: exact as a hook only for the embedding (each token's row is one written
+    /// vector); for weights the hook of the same name is not the edit (docs/variants.md).
+    pub norm_preserving: bool,
+}
+
+impl Plan {
+    /// The edit's writes, one per (layer, site), in plan order, from `bases` ([`Plan::bases`]). Tensors of
+    /// one site (a weight and its bias, the experts of a layer) share a basis and a scale by construction.
+    pub fn write_ops(&self, bases: &[Arc<Basis>]) -> Vec<WriteOp> {
+        let mut out: Vec<WriteOp> = Vec::new();
+        for (e, b) in self.edits.iter().zip(bases) {
+            let (layer, site) = (e.writer.layer, e.writer.site());
+            if out.iter().any(|o| o.layer == layer && o.site == site) {
+                continue;
+            }
+            out.push(WriteOp {
+                layer,
+                site,
+                basis: b.clone(),
+                scale: e.scale,
+                norm_preserving: self.options.norm_preserving,
+            });
+        }
+        out
+    }
+}
+
 /// The gain-weighted basis of a post-norm writer: an orthonormal basis of `{g ⊙ v_m}` (MGS2, in order;
 /// for one vector exactly `ŝ` below), dropping a vector the gain maps into the span of the others.
 fn gain_weighted_basis(ckpt: &Checkpoint, norm: TensorRef, basis: &Basis) -> Result<Basis> {
