@@ -14,6 +14,44 @@ use serde_json::{Value, json};
 
 use crate::progress;
 
+/// What an edit removes and where: shared with `abliterate run`, which passes them through.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EditOptions {
+    /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
+    /// 2 reflects (method.md §6, scale variant).
+    #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
+    pub scale: f64,
+    /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no
+    /// layer and is edited regardless (use --skip-embeddings to leave it).
+    #[arg(long, value_name = "RANGE")]
+    pub layers: Option<String>,
+    /// Leave the token embedding unedited.
+    #[arg(long)]
+    pub skip_embeddings: bool,
+    /// Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an
+    /// unknown tensor you know does not write to the residual stream. Reported in the manifest.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// With tied embeddings, keep the tie: the edit then also changes the unembedding, so the
+    /// model is no longer equivalent to ablation. By default the original embedding is written as
+    /// an untied lm_head.weight.
+    #[arg(long)]
+    pub keep_tie: bool,
+}
+
+impl EditOptions {
+    /// The library's options.
+    pub fn to_options(&self) -> Result<Options> {
+        Ok(Options {
+            scale: self.scale,
+            layers: self.layers.as_deref().map(LayerSet::parse).transpose()?,
+            skip_embeddings: self.skip_embeddings,
+            exclude: self.exclude.clone(),
+            keep_tie: self.keep_tie,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory: a Hugging Face checkpoint (config.json and safetensors weights).
@@ -28,26 +66,8 @@ pub struct Args {
     /// Output directory. Written beside it as a temporary directory and renamed when complete.
     #[arg(short = 'o', long = "output", value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
-    /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
-    /// 2 reflects (method.md §6, scale variant).
-    #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
-    scale: f64,
-    /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no
-    /// layer and is edited regardless (use --skip-embeddings to leave it).
-    #[arg(long, value_name = "RANGE")]
-    layers: Option<String>,
-    /// Leave the token embedding unedited.
-    #[arg(long)]
-    skip_embeddings: bool,
-    /// Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an
-    /// unknown tensor you know does not write to the residual stream. Reported in the manifest.
-    #[arg(long, value_name = "PATTERN")]
-    exclude: Vec<String>,
-    /// With tied embeddings, keep the tie: the edit then also changes the unembedding, so the
-    /// model is no longer equivalent to ablation. By default the original embedding is written as
-    /// an untied lm_head.weight.
-    #[arg(long)]
-    keep_tie: bool,
+    #[command(flatten)]
+    edit: EditOptions,
     /// Print the plan (what would be rewritten, added and excluded) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -73,13 +93,7 @@ impl edit::Progress for Bar {
 pub fn run(args: Args) -> Result<ExitCode> {
     let ckpt = Checkpoint::open(&args.model)?;
     let direction = Direction::open(&args.direction, ckpt.config.hidden_size, args.candidate)?;
-    let opts = Options {
-        scale: args.scale,
-        layers: args.layers.as_deref().map(LayerSet::parse).transpose()?,
-        skip_embeddings: args.skip_embeddings,
-        exclude: args.exclude.clone(),
-        keep_tie: args.keep_tie,
-    };
+    let opts = args.edit.to_options()?;
     let plan = edit::plan(&ckpt, &opts)?;
     for p in plan.patterns.iter().filter(|p| p.matched == 0) {
         eprintln!("warning: --exclude `{}` matched no tensor", p.pattern);
