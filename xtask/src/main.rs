@@ -3,6 +3,7 @@
 
 mod bench_edit;
 mod bench_forward;
+mod distill;
 mod fixtures;
 mod host;
 
@@ -12,6 +13,9 @@ fn main() -> anyhow::Result<()> {
         ["fixtures", rest @ ..] => fixtures::run(rest),
         ["bench", "edit", rest @ ..] => bench_edit::run(rest),
         ["bench", "forward", rest @ ..] => bench_forward::run(rest),
-        _ => anyhow::bail!("usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...]"),
+        ["distill", rest @ ..] => distill::run(rest),
+        _ => anyhow::bail!(
+            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...] | distill MODEL IN.json OUT.jsonl [...]"
+        ),
     }
 }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod progress;
+mod runtime;
 
 #[derive(Parser)]
 #[command(name = "abliterate", version, about, long_about = None, propagate_version = true)]

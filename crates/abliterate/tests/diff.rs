@@ -60,7 +60,7 @@ fn projection_norm(r: &[f64], vs: &[&[f64]]) -> f64 {
 
 /// The unit direction of the fixture direction file (r / ||r|| in f64).
 fn r_hat() -> Vec<f64> {
-    edit::Direction::load(&fixture(DIRECTION), 64).unwrap().unit()
+    direction::Direction::load(&fixture(DIRECTION), 64).unwrap().unit()
 }
 
 /// A copy of a fixture model in a temp dir.

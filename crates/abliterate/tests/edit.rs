@@ -151,7 +151,7 @@ fn edits_a_tied_llama_and_keeps_every_other_byte() {
         .map(|f| (f["path"].as_str().unwrap().to_string(), f["sha256"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(listed, outs);
-    assert_eq!(m["direction"]["sha256"], edit::direction::sha256_hex(&std::fs::read(&t.direction).unwrap()));
+    assert_eq!(m["direction"]["sha256"], direction::sha256_hex(&std::fs::read(&t.direction).unwrap()));
     assert_eq!(m["tie"], "untied");
     let ledger = m["edited"].as_array().unwrap();
     assert_eq!(ledger.len(), 5);
@@ -374,7 +374,7 @@ fn force_replaces_an_existing_output_only_after_success() {
     );
     // A failing --force run (bad direction) keeps the old output.
     let bad = t.tmp.path().join("bad.safetensors");
-    edit::direction::write(&bad, &[0.0; synth::HIDDEN], Dtype::F32, &Default::default()).unwrap();
+    direction::write(&bad, &[0.0; synth::HIDDEN], Dtype::F32, &Default::default()).unwrap();
     let r = abliterate(["edit", s(&t.model), "--direction", s(&bad), "-o", s(&out), "--force"]);
     assert_eq!(r.code, 2);
     assert!(out.join("old.txt").exists());
@@ -408,12 +408,55 @@ fn bad_directions_are_refused_with_what_is_wrong() {
     ];
     for (name, values, problem) in cases {
         let p = t.tmp.path().join(format!("{name}.safetensors"));
-        edit::direction::write(&p, &values, Dtype::F32, &Default::default()).unwrap();
+        direction::write(&p, &values, Dtype::F32, &Default::default()).unwrap();
         let r = abliterate(["edit", s(&t.model), "--direction", s(&p), "-o", s(&out)]);
         assert_eq!(r.code, 2);
         assert_eq!(r.stderr, format!("error: direction file `{}`: {problem}\n", p.display()));
         assert!(!out.exists());
     }
+}
+
+/// `--candidate POS,LAYER` takes one candidate of `find`'s candidates file; the result is the edit with
+/// that vector as a direction file, byte for byte except the manifest's record of where it came from.
+#[test]
+fn a_candidate_of_a_candidates_file_edits_like_its_direction_file() {
+    let t = Setup::tied_llama();
+    let d = direction::Direction::load(&t.direction, synth::HIDDEN).unwrap();
+    // 2 positions x 3 layers; the chosen (-1, 1) is the synthetic direction, the others differ.
+    let mut values = Vec::new();
+    for i in 0..6 {
+        values.extend(d.values.iter().map(|v| if i == 4 { *v } else { v * (i as f64 + 2.0) - 0.5 }));
+    }
+    let cands = t.tmp.path().join("candidates.safetensors");
+    direction::Candidates::write(&cands, &values, &[-2, -1], 3, Dtype::F32, &Default::default()).unwrap();
+    let (a, b) = (t.out("from-direction"), t.out("from-candidate"));
+    ok(&t.edit(&a, &[]));
+    ok(&abliterate(["edit", s(&t.model), "--direction", s(&cands), "--candidate", "-1,1", "-o", s(&b)]));
+    // Every tensor is identical; only the records of the direction file's sha256 differ.
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
+    let names: Vec<String> = ca.tensors().map(|(_, e)| e.name.clone()).collect();
+    assert_eq!(names, cb.tensors().map(|(_, e)| e.name.clone()).collect::<Vec<_>>());
+    for (ra, e) in ca.tensors() {
+        let (rb, _) = cb.get(&e.name).unwrap();
+        assert!(ca.bytes(ra) == cb.bytes(rb), "tensor `{}` differs", e.name);
+    }
+    let m = manifest(&b);
+    assert_eq!(
+        (m["direction"]["metadata"]["position"].as_str(), m["direction"]["metadata"]["layer"].as_str()),
+        (Some("-1"), Some("1"))
+    );
+    let r = abliterate(["edit", s(&t.model), "--direction", s(&cands), "-o", s(&t.out("x"))]);
+    assert_eq!(
+        (r.code, r.stderr),
+        (
+            2,
+            format!(
+                "error: direction file `{}`: is a candidates file (tensor `candidates`); choose one with --candidate \
+                 POS,LAYER\n",
+                cands.display()
+            )
+        )
+    );
 }
 
 #[test]
@@ -691,7 +734,7 @@ fn a_hugging_face_cache_snapshot_of_links_is_read_through_and_protected() {
         for e in std::fs::read_dir(&src).unwrap() {
             let e = e.unwrap();
             let bytes = std::fs::read(e.path()).unwrap();
-            let hash = edit::direction::sha256_hex(&bytes);
+            let hash = direction::sha256_hex(&bytes);
             std::fs::write(blobs.join(&hash), bytes).unwrap();
             std::os::unix::fs::symlink(format!("../../blobs/{hash}"), snap.join(e.file_name())).unwrap();
         }
@@ -769,7 +812,7 @@ fn a_killed_run_leaves_no_output_and_its_leftovers_are_cleaned_later() {
     });
     let direction = t.tmp.path().join("d512.safetensors");
     let values: Vec<f64> = (0..512).map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0).collect();
-    edit::direction::write(&direction, &values, Dtype::F32, &Default::default()).unwrap();
+    direction::write(&direction, &values, Dtype::F32, &Default::default()).unwrap();
     let out = t.out("out");
     let mut child = Command::new(env!("CARGO_BIN_EXE_abliterate"))
         .args(["edit", s(&t.model), "--direction", s(&direction), "-o", s(&out)])
@@ -805,18 +848,19 @@ fn help_snapshot() {
           <MODEL>  Model directory: a Hugging Face checkpoint (config.json and safetensors weights)
 
         Options:
-              --direction <FILE>   Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm)
-          -o, --output <OUT>       Output directory. Written beside it as a temporary directory and renamed when complete
-              --scale <S>          Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (method.md §6, scale variant) [default: 1]
-              --layers <RANGE>     Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
-              --skip-embeddings    Leave the token embedding unedited
-              --exclude <PATTERN>  Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest
-              --keep-tie           With tied embeddings, keep the tie: the edit then also changes the unembedding, so the model is no longer equivalent to ablation. By default the original embedding is written as an untied lm_head.weight
-              --dry-run            Print the plan (what would be rewritten, added and excluded) and write nothing
-              --force              Replace OUT if it exists (only after the new one is complete)
-              --json               Print a machine-readable summary on stdout
-          -h, --help               Print help
-          -V, --version            Print version
+              --direction <FILE>       Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm)
+              --candidate <POS,LAYER>  With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as POS,LAYER (e.g. `-1,22`: the last prompt token, the residual entering layer 22)
+          -o, --output <OUT>           Output directory. Written beside it as a temporary directory and renamed when complete
+              --scale <S>              Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (method.md §6, scale variant) [default: 1]
+              --layers <RANGE>         Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
+              --skip-embeddings        Leave the token embedding unedited
+              --exclude <PATTERN>      Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest
+              --keep-tie               With tied embeddings, keep the tie: the edit then also changes the unembedding, so the model is no longer equivalent to ablation. By default the original embedding is written as an untied lm_head.weight
+              --dry-run                Print the plan (what would be rewritten, added and excluded) and write nothing
+              --force                  Replace OUT if it exists (only after the new one is complete)
+              --json                   Print a machine-readable summary on stdout
+          -h, --help                   Print help
+          -V, --version                Print version
     "#]].assert_eq(&r.stdout);
 }
 

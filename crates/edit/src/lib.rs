@@ -6,7 +6,6 @@
 //! copying every other byte unchanged. Depends on `checkpoint` only and never runs a forward pass;
 //! never opens an input file for writing.
 
-pub mod direction;
 pub mod kernel;
 pub mod manifest;
 pub mod output;

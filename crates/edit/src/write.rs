@@ -27,12 +27,12 @@ use checkpoint::{Checkpoint, INDEX_FILE, TensorEntry, safetensors};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::direction::hex;
 use crate::kernel::{self, View};
 use crate::manifest::{self, FileRecord, Ledger, ManifestParts, Report};
 use crate::output::OutputTarget;
 use crate::plan::{Plan, Tie};
 use crate::{Direction, Error, Result};
+use direction::hex;
 
 /// Bytes per chunk of input read or output handed to the writer.
 const CHUNK: usize = 8 << 20;
@@ -652,7 +652,7 @@ fn ledger_entry(
 /// sha256 and length of a (small) input file.
 fn hash_file(path: &Path, rel: &str) -> Result<FileRecord> {
     let bytes = std::fs::read(path).map_err(|cause| Error::Io { path: path.to_path_buf(), cause })?;
-    Ok(FileRecord { path: rel.to_string(), sha256: crate::direction::sha256_hex(&bytes), bytes: bytes.len() as u64 })
+    Ok(FileRecord { path: rel.to_string(), sha256: direction::sha256_hex(&bytes), bytes: bytes.len() as u64 })
 }
 
 /// config.json with `tie_word_embeddings: false` where transformers reads it (the top level,
@@ -738,9 +738,9 @@ pub(crate) fn write_with(
         write_all(&ctx, layouts, &others, config_bytes.as_deref(), index_bytes.as_deref())?;
     inputs.sort_by(|a, b| a.path.cmp(&b.path));
 
-    let previous = std::fs::read(ckpt.dir.join(MANIFEST)).ok().map(|b| {
-        serde_json::from_slice::<Value>(&b).unwrap_or_else(|_| Value::String(crate::direction::sha256_hex(&b)))
-    });
+    let previous = std::fs::read(ckpt.dir.join(MANIFEST))
+        .ok()
+        .map(|b| serde_json::from_slice::<Value>(&b).unwrap_or_else(|_| Value::String(direction::sha256_hex(&b))));
     outputs.sort_by(|a, b| a.path.cmp(&b.path));
     let not_copied: Vec<String> = others.iter().filter(|o| !o.copy).map(|o| rel_string(&o.rel)).collect();
     let manifest = manifest::build(ManifestParts {

@@ -109,6 +109,9 @@ pub struct Arch {
     pub ropes: Vec<RopeSpec>,
     /// The LM head reads the embedding matrix.
     pub tied: bool,
+    /// The positions a sequence may have (`max_position_embeddings`, or the family's default):
+    /// generation refuses to size a KV cache beyond it.
+    pub context: usize,
 }
 
 impl Arch {
@@ -410,6 +413,7 @@ impl Arch {
             moe,
             ropes,
             tied,
+            context: max_pos,
         })
     }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use checkpoint::Checkpoint;
 use diff::{Change, Gate, KindSummary, Options, Report, Status, TensorDiff, sketch};
-use edit::Direction;
+use direction::Direction;
 use serde_json::{Map, Value, json};
 
 use crate::progress;

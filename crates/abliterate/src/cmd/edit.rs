@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use checkpoint::Checkpoint;
-use edit::{Direction, LayerSet, Options, OutputTarget, Plan, Report, Tie, human_bytes};
+use direction::{Candidate, Direction};
+use edit::{LayerSet, Options, OutputTarget, Plan, Report, Tie, human_bytes};
 use serde_json::{Value, json};
 
 use crate::progress;
@@ -20,6 +21,10 @@ pub struct Args {
     /// Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm).
     #[arg(long, value_name = "FILE")]
     direction: PathBuf,
+    /// With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as
+    /// POS,LAYER (e.g. `-1,22`: the last prompt token, the residual entering layer 22).
+    #[arg(long, value_name = "POS,LAYER", allow_hyphen_values = true)]
+    candidate: Option<Candidate>,
     /// Output directory. Written beside it as a temporary directory and renamed when complete.
     #[arg(short = 'o', long = "output", value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
@@ -67,7 +72,7 @@ impl edit::Progress for Bar {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let ckpt = Checkpoint::open(&args.model)?;
-    let direction = Direction::load(&args.direction, ckpt.config.hidden_size)?;
+    let direction = Direction::open(&args.direction, ckpt.config.hidden_size, args.candidate)?;
     let opts = Options {
         scale: args.scale,
         layers: args.layers.as_deref().map(LayerSet::parse).transpose()?,
