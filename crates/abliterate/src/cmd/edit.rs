@@ -57,6 +57,8 @@ pub struct Args {
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: crate::args::Threads,
 }
 
 struct Bar(indicatif::ProgressBar);
@@ -71,6 +73,7 @@ impl edit::Progress for Bar {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    args.threads.apply()?;
     let ckpt = Checkpoint::open(&args.model)?;
     let direction = Direction::open(&args.direction, ckpt.config.hidden_size, args.candidate)?;
     let opts = Options {
