@@ -17,7 +17,10 @@ use std::path::PathBuf;
 pub use direction::{Direction, DirectionError};
 pub use manifest::{FileRecord, Ledger, Report};
 pub use output::OutputTarget;
-pub use plan::{Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, plan};
+pub use plan::{
+    Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, exact_pattern, plan,
+    unknown_tensors,
+};
 pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write};
 
 /// Everything that can go wrong in an edit. Messages are lowercase and name the thing.
