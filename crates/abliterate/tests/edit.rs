@@ -181,6 +181,15 @@ fn output_is_byte_identical_across_runs_and_thread_counts() {
     }
     assert_eq!(hashes[0], hashes[1], "RAYON_NUM_THREADS=1 and 2 differ");
     assert_eq!(hashes[1], hashes[2], "two runs differ");
+    // Issue 13: `--threads`, the option every computing command shares, says the same.
+    for threads in ["1", "3"] {
+        let out = t.out(&format!("threads-{threads}"));
+        ok(&t.edit(&out, &["--threads", threads]));
+        assert_eq!(synth::hash_dir(&out), hashes[0], "--threads {threads}");
+    }
+    let r = t.edit(&t.out("zero"), &["--threads", "0"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("invalid value '0' for '--threads <N>'"), "{}", r.stderr);
 }
 
 #[test]
@@ -859,6 +868,7 @@ fn help_snapshot() {
               --dry-run                Print the plan (what would be rewritten, added and excluded) and write nothing
               --force                  Replace OUT if it exists (only after the new one is complete)
               --json                   Print a machine-readable summary on stdout
+              --threads <N>            Compute threads (default: one per core). Results do not depend on it
           -h, --help                   Print help
           -V, --version                Print version
     "#]].assert_eq(&r.stdout);

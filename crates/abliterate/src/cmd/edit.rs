@@ -113,6 +113,8 @@ pub struct Args {
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: crate::args::Threads,
 }
 
 struct Bar(indicatif::ProgressBar);
@@ -127,6 +129,7 @@ impl edit::Progress for Bar {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    args.threads.apply()?;
     let ckpt = Checkpoint::open(&args.model)?;
     let layers = ckpt.config.num_hidden_layers;
     let direction = Directions::open(&args.direction, ckpt.config.hidden_size, layers, args.candidate)?;
