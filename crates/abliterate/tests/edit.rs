@@ -1,5 +1,5 @@
 //! `abliterate edit` end to end: the real binary on small checkpoints built by the test
-//! (`edit::synth`), checking the output files byte by byte, the manifest, the options, and every
+//! (`testutil::synth`), checking the output files byte by byte, the manifest, the options, and every
 //! bad input with its exact message. The input is hashed before and after every run.
 
 mod util;
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use checkpoint::{Checkpoint, Dtype, Shard};
-use edit::synth;
 use serde_json::Value;
+use testutil::synth;
 use util::{Run, abliterate};
 
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
@@ -926,4 +926,48 @@ fn a_tied_config_with_a_stored_head_edits_to_directional_ablation() {
              head becomes the original embedding, untied)\n"
         );
     }
+}
+
+/// Issue 13 (the overlap check): an edit keeps every tensor at its offsets, whatever the layout the
+/// input has (data in reverse header order, gaps between tensors, an empty tensor whose offsets
+/// lie inside another tensor), and copies every byte outside the edited tensors, gaps included.
+#[test]
+fn unusual_layouts_keep_every_offset() {
+    let t = Setup::new(|p| {
+        let dir = p.join("odd-layout");
+        std::fs::create_dir_all(&dir).unwrap();
+        synth::write_config(&dir, &synth::llama_config(true));
+        let tensors = synth::llama_tensors(Dtype::BF16, true);
+        let mut data = Vec::new();
+        let mut entries = Vec::new();
+        for (k, tensor) in tensors.iter().enumerate().rev() {
+            data.extend((0..13).map(|i| (i * 7 + k) as u8));
+            let begin = data.len();
+            checkpoint::dtype::encode_f64(tensor.dtype, &tensor.values, &mut data);
+            entries.push(checkpoint::TensorEntry {
+                name: tensor.name.clone(),
+                dtype: tensor.dtype,
+                shape: tensor.shape.clone(),
+                begin,
+                end: data.len(),
+            });
+        }
+        let inside = entries.iter().find(|e| e.name == "model.embed_tokens.weight").unwrap().begin + 6;
+        entries.push(checkpoint::TensorEntry {
+            name: "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            dtype: Dtype::F32,
+            shape: vec![0],
+            begin: inside,
+            end: inside,
+        });
+        data.extend_from_slice(b"trailing");
+        let mut bytes = checkpoint::safetensors::write_header(None, &entries);
+        bytes.extend_from_slice(&data);
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        dir
+    });
+    let out = t.out("out");
+    ok(&t.edit(&out, &[]));
+    let changed = synth::assert_same_layout(&t.model, &out);
+    assert_eq!(changed.len(), 5, "{changed:?}");
 }

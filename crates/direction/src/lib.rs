@@ -24,6 +24,9 @@ use checkpoint::{Dtype, dtype, safetensors};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub mod set;
+pub use set::{Basis, Directions, Layout};
+
 /// The name of the tensor in a direction file.
 pub const TENSOR: &str = "direction";
 /// The name of the tensor in a candidates file.
@@ -111,7 +114,7 @@ pub fn norm(values: &[f64]) -> f64 {
 
 /// Checks a raw vector for use as a direction: finite values and a normal positive norm. `what` names
 /// it in the message.
-fn check_values(values: &[f64], what: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_values(values: &[f64], what: &str) -> std::result::Result<(), String> {
     if let Some(i) = values.iter().position(|v| v.is_nan()) {
         return Err(format!("{what} contains NaN (at index {i})"));
     }
@@ -132,15 +135,15 @@ fn check_values(values: &[f64], what: &str) -> std::result::Result<(), String> {
 }
 
 /// The file's bytes, its parsed header and the one tensor named `name` (with its values as f64).
-struct Loaded {
-    bytes: Vec<u8>,
-    metadata: Map<String, Value>,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    values: Vec<f64>,
+pub(crate) struct Loaded {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) metadata: Map<String, Value>,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) values: Vec<f64>,
 }
 
-fn read_file(path: &Path) -> Result<(Vec<u8>, safetensors::Header)> {
+pub(crate) fn read_file(path: &Path) -> Result<(Vec<u8>, safetensors::Header)> {
     let bytes = std::fs::read(path).map_err(|cause| DirectionError::Io { path: path.to_path_buf(), cause })?;
     let header = safetensors::parse(&bytes).map_err(|e| DirectionError::Invalid {
         path: path.to_path_buf(),
@@ -154,7 +157,7 @@ fn tensor_names(header: &safetensors::Header) -> String {
     if names.is_empty() { "none".to_string() } else { names.join(", ") }
 }
 
-fn take_tensor(path: &Path, bytes: Vec<u8>, header: safetensors::Header, name: &str) -> Result<Loaded> {
+pub(crate) fn take_tensor(path: &Path, bytes: Vec<u8>, header: safetensors::Header, name: &str) -> Result<Loaded> {
     let bad = |problem: String| DirectionError::Invalid { path: path.to_path_buf(), problem };
     let t = header
         .tensors
@@ -425,11 +428,31 @@ fn write_tensor(
     dtype: Dtype,
     metadata: &Map<String, Value>,
 ) -> std::io::Result<()> {
+    write_tensors(path, &[(name, values, shape.to_vec())], dtype, metadata)
+}
+
+/// Writes several tensors (name, values, shape), in order, into one safetensors file.
+pub(crate) fn write_tensors(
+    path: &Path,
+    tensors: &[(&str, &[f64], Vec<usize>)],
+    dtype: Dtype,
+    metadata: &Map<String, Value>,
+) -> std::io::Result<()> {
     let mut data = Vec::new();
-    dtype::encode_f64(dtype, values, &mut data);
-    let entry =
-        safetensors::TensorEntry { name: name.to_string(), dtype, shape: shape.to_vec(), begin: 0, end: data.len() };
-    let mut bytes = safetensors::write_header(Some(metadata), &[entry]);
+    let mut entries = Vec::with_capacity(tensors.len());
+    for (name, values, shape) in tensors {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "tensor `{name}`: values match the shape");
+        let begin = data.len();
+        dtype::encode_f64(dtype, values, &mut data);
+        entries.push(safetensors::TensorEntry {
+            name: name.to_string(),
+            dtype,
+            shape: shape.clone(),
+            begin,
+            end: data.len(),
+        });
+    }
+    let mut bytes = safetensors::write_header(Some(metadata), &entries);
     bytes.extend_from_slice(&data);
     std::fs::write(path, bytes)
 }
