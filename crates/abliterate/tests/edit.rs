@@ -860,7 +860,7 @@ fn help_snapshot() {
               --direction <FILE>       Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm)
               --candidate <POS,LAYER>  With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as POS,LAYER (e.g. `-1,22`: the last prompt token, the residual entering layer 22)
           -o, --output <OUT>           Output directory. Written beside it as a temporary directory and renamed when complete
-              --scale <S>              Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (method.md §6, scale variant) [default: 1]
+              --scale <S>              Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (docs/method.md §6, scale) [default: 1]
               --layers <RANGE>         Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
               --skip-embeddings        Leave the token embedding unedited
               --exclude <PATTERN>      Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest

@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(short = 'o', long = "output", value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
     /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
-    /// 2 reflects (method.md §6, scale variant).
+    /// 2 reflects (docs/method.md §6, scale).
     #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
     scale: f64,
     /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no
