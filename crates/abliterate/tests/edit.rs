@@ -864,7 +864,7 @@ fn help_snapshot() {
           -o, --output <OUT>
                   Output directory. Written beside it as a temporary directory and renamed when complete
               --scale <S>
-                  Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (method.md §6, scale variant) [default: 1]
+                  Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (docs/method.md §6, scale) [default: 1]
               --layers <RANGE>
                   Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
               --skip-embeddings
