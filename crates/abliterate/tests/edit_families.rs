@@ -9,7 +9,7 @@ mod util;
 use std::path::PathBuf;
 
 use checkpoint::{Checkpoint, Dtype, Role, Site, WriterKind};
-use edit::synth;
+use testutil::synth;
 use util::{abliterate, fixture};
 
 fn fixture_dirs() -> Vec<PathBuf> {
@@ -112,7 +112,7 @@ fn every_family_fixture_edits_and_loses_the_direction() {
         let input = Checkpoint::open(model).unwrap();
         let edited = Checkpoint::open(&out).unwrap();
         let d = input.config.hidden_size;
-        let direction = edit::Direction::load(&direction_file, d).unwrap();
+        let direction = direction::Direction::load(&direction_file, d).unwrap();
         let r_hat = unit(&direction.values);
         let changed = synth::assert_same_layout(model, &out);
 

@@ -11,8 +11,8 @@ mod util;
 use std::fmt::Write as _;
 
 use checkpoint::{Checkpoint, Role};
-use edit::synth;
 use serde_json::Value;
+use testutil::synth;
 use util::abliterate;
 
 /// bf16 bits of an f64, round to nearest even in one step (normal range or zero only).
@@ -56,7 +56,7 @@ fn real_model_edit_matches_an_independent_computation() {
     let input = Checkpoint::open(&model).unwrap();
     let edited = Checkpoint::open(&out).unwrap();
     let d = input.config.hidden_size;
-    let dir = edit::Direction::load(&direction, d).unwrap();
+    let dir = direction::Direction::load(&direction, d).unwrap();
     let norm = dir.values.iter().map(|v| v * v).sum::<f64>().sqrt();
     let r_hat: Vec<f64> = dir.values.iter().map(|v| v / norm).collect();
     let manifest: Value = serde_json::from_slice(&std::fs::read(out.join("abliterate.json")).unwrap()).unwrap();

@@ -68,7 +68,7 @@ fn the_reply_streams_to_stdout_with_a_summary_on_stderr() {
 fn ablate_and_add_run_the_paper_hooks() {
     let dir = fixture("models/llama/bf16");
     let direction = fixture("directions/llama.safetensors");
-    let d = edit::Direction::load(&direction, 64).unwrap();
+    let d = direction::Direction::load(&direction, 64).unwrap();
     let prompt = "Tell me a story";
 
     let r = abliterate([
@@ -118,9 +118,9 @@ fn bad_options_are_errors_with_exit_code_2() {
     let direction = fixture("directions/llama.safetensors");
     let tmp = tempfile::tempdir().unwrap();
     let no_layer = tmp.path().join("no-layer.safetensors");
-    edit::direction::write(&no_layer, &[1.0; 64], Dtype::F32, &Default::default()).unwrap();
+    direction::write(&no_layer, &[1.0; 64], Dtype::F32, &Default::default()).unwrap();
     let short = tmp.path().join("short.safetensors");
-    edit::direction::write(&short, &[1.0; 8], Dtype::F32, &Default::default()).unwrap();
+    direction::write(&short, &[1.0; 8], Dtype::F32, &Default::default()).unwrap();
 
     let r = abliterate(["generate", s(&dir), "--prompt", "hi", "--add", s(&no_layer)]);
     assert_eq!(

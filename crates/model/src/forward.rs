@@ -147,9 +147,9 @@ impl Model {
                 ),
             });
         }
-        // transformers ties the head to the embedding whenever the config says so (a stored lm_head is
-        // then ignored); an untied config without lm_head.weight fails at load.
-        let arch = Arch::from_config(&ckpt.config, ckpt.config.tie_word_embeddings, &config_path)?;
+        // The one tie rule (`Checkpoint::head`, shared with `edit`); an untied config without
+        // lm_head.weight fails at load.
+        let arch = Arch::from_config(&ckpt.config, ckpt.tied(), &config_path)?;
         let plan = Weights::plan(&ckpt, &arch)?;
         let available = opts.available_memory.or_else(load::available_memory);
         let width = load::choose(opts.weights, plan.f32, plan.stored, available)?;

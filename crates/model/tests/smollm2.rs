@@ -29,7 +29,7 @@ fn fixture() -> Option<&'static Fixture> {
         let model = open(WeightWidth::F32).expect("the real model loads");
         let stored = open(WeightWidth::Stored).expect("the real model loads at stored width");
         let reference = Reference::open(&testutil::fixtures().join("smollm2/reference.safetensors"));
-        let direction = edit::Direction::load(&testutil::smollm2_direction()?, model.arch().hidden)
+        let direction = direction::Direction::load(&testutil::smollm2_direction()?, model.arch().hidden)
             .expect("the shared direction loads")
             .values;
         Some(Fixture { model, stored, reference, direction })

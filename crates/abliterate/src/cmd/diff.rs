@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use checkpoint::Checkpoint;
 use diff::{Change, Gate, KindSummary, Options, Report, Status, TensorDiff, sketch};
-use edit::Direction;
+use direction::Direction;
 use serde_json::{Map, Value, json};
 
 use crate::progress;
@@ -35,9 +35,12 @@ pub struct Args {
     /// Print everything as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: crate::args::Threads,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    args.threads.apply()?;
     if let Some(t) = args.expect_orthogonal
         && !(t.is_finite() && t >= 0.0)
     {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use chat::{Chat, Special};
-use edit::Direction;
+use direction::{Candidate, Direction};
 use model::{Batch, Finish, GenerateOptions, Hook, Interventions, NoHook};
 use serde_json::{Value, json};
 
@@ -36,13 +36,17 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_new_tokens: usize,
     /// Ablate this direction everywhere: x ← x − (x·r̂)r̂ at every layer's input, attention output and
-    /// MLP output (method.md §7; for Gemma 2/3 after their post-norms).
+    /// MLP output (docs/method.md §7; for Gemma 2/3 after their post-norms).
     #[arg(long, value_name = "FILE", conflicts_with = "add")]
     ablate: Option<PathBuf>,
     /// Add COEFF times this (raw, unnormalised) direction to the input of layer L at every position
-    /// (method.md §7, activation addition).
+    /// (docs/method.md §7, activation addition).
     #[arg(long, value_name = "FILE")]
     add: Option<PathBuf>,
+    /// With a candidates file (`find`'s candidates.safetensors) for --ablate or --add: which
+    /// candidate, as POS,LAYER (e.g. `-1,22`); --add then defaults to its layer.
+    #[arg(long, value_name = "POS,LAYER", allow_hyphen_values = true)]
+    candidate: Option<Candidate>,
     /// The layer for --add (default: the `layer` recorded in the direction file).
     #[arg(long, value_name = "L", requires = "add")]
     layer: Option<usize>,
@@ -74,14 +78,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let arch = model.arch();
     let weights = model.weights_info();
 
+    if let (Some(c), None, None) = (args.candidate, &args.ablate, &args.add) {
+        bail!("--candidate {},{} picks a candidate for --ablate or --add; pass one of them", c.position, c.layer);
+    }
     let mut intervention = Value::Null;
     let mut hook: Box<dyn Hook> = Box::new(NoHook);
     if let Some(path) = &args.ablate {
-        let d = Direction::load(path, arch.hidden)?;
+        let d = Direction::open(path, arch.hidden, args.candidate)?;
         hook = Box::new(Interventions::ablation(arch.layers, &d.values)?);
         intervention = json!({"kind": "ablate", "direction": path, "sha256": d.sha256, "norm": d.norm()});
     } else if let Some(path) = &args.add {
-        let d = Direction::load(path, arch.hidden)?;
+        let d = Direction::open(path, arch.hidden, args.candidate)?;
         let layer = match (args.layer, d.meta("layer")) {
             (Some(l), _) => l,
             (None, Some(m)) => m.parse().with_context(|| {

@@ -1,0 +1,2 @@
+//! What `find` and `verify` share (placeholder until the crate lands; the embedded prompt sets are in
+//! `prompts/`).
