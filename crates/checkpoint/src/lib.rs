@@ -355,6 +355,33 @@ impl Checkpoint {
         ["lm_head.weight", "language_model.lm_head.weight"].into_iter().find(|n| self.get(n).is_some())
     }
 
+    /// The gain-weighted unit direction of a Gemma 2/3 post-norm (method.md §6): with the gain
+    /// `g = 1 + w` of the RMSNorm weight `norm`, decoded exactly to f64, `ŝ = (g ⊙ r̂)/||g ⊙ r̂||`.
+    /// `ŝᵀu = 0` is exactly "the block writing `u` through this norm adds nothing along `r̂`"
+    /// (`r̂ᵀ(g ⊙ u) = ||g ⊙ r̂|| ŝᵀu`), so `edit` removes `ŝ` and `diff` measures it. Where
+    /// `g ⊙ r̂ = 0` the block cannot write along `r̂` at all and `ŝ` is returned as zeros.
+    pub fn gain_weighted_unit(&self, norm: TensorRef, r_hat: &[f64]) -> Result<Vec<f64>> {
+        let t = self.entry(norm);
+        let d = r_hat.len();
+        if t.shape != [d] || !t.dtype.is_float() {
+            return Err(self.tensor_error(
+                norm,
+                format!("a post-norm gain must be a float vector of hidden_size {d}, found {} {:?}", t.dtype, t.shape),
+            ));
+        }
+        let mut w = vec![0f64; d];
+        dtype::decode_f64(t.dtype, self.bytes(norm), &mut w);
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(self.tensor_error(norm, format!("post-norm gain is not finite at index {i}")));
+        }
+        let s: Vec<f64> = w.iter().zip(r_hat).map(|(w, r)| (1.0 + w) * r).collect();
+        let n = s.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if n == 0.0 {
+            return Ok(vec![0.0; d]);
+        }
+        Ok(s.iter().map(|v| v / n).collect())
+    }
+
     /// The stored name of the token embedding.
     pub fn embedding_name(&self) -> Option<&str> {
         self.tensors()

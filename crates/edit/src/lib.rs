@@ -11,8 +11,6 @@ pub mod layer_kernel;
 pub mod manifest;
 pub mod output;
 pub mod plan;
-#[doc(hidden)]
-pub mod synth;
 pub mod write;
 
 use std::path::PathBuf;
@@ -20,8 +18,11 @@ use std::path::PathBuf;
 pub use direction::{Basis, Direction, DirectionError, Directions};
 pub use layer_kernel::{LayerKernel, Profile, Tent};
 pub use manifest::{FileRecord, Ledger, Report};
-pub use output::OutputTarget;
-pub use plan::{Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, WriteOp, plan};
+pub use output::{OutputTarget, TempDir};
+pub use plan::{
+    Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, WriteOp, exact_pattern, plan,
+    unknown_tensors,
+};
 pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write, write_directions};
 
 /// Everything that can go wrong in an edit. Messages are lowercase and name the thing.

@@ -129,10 +129,11 @@ pub enum Against {
 }
 
 impl Against {
+    /// `r` or `s(NORM)` ([`checkpoint::roles::unit_label`]).
     pub fn label(&self) -> String {
         match self {
-            Against::Direction => "r".to_string(),
-            Against::GainWeighted { norm, .. } => format!("gain-weighted by `{norm}`"),
+            Against::Direction => checkpoint::roles::unit_label(None),
+            Against::GainWeighted { norm, .. } => checkpoint::roles::unit_label(Some(norm)),
         }
     }
 }
@@ -156,14 +157,10 @@ pub struct TensorEdit {
 }
 
 impl TensorEdit {
-    /// `attn_out`, `mlp_down`, ... with `_bias` for biases.
+    /// `attn_out`, `mlp_down`, ... with `_bias` for biases ([`Writer::label`]).
     pub fn kind_label(&self) -> String {
-        writer_label(&self.writer)
+        self.writer.label()
     }
-}
-
-pub fn writer_label(w: &Writer) -> String {
-    if w.bias { format!("{}_bias", w.kind.label()) } else { w.kind.label().to_string() }
 }
 
 /// A tensor the edit adds: the untied LM head, a byte copy of the original embedding.
@@ -314,7 +311,7 @@ impl Plan {
                 let n = self.edits.iter().filter(|e| e.writer.kind == kind && e.writer.bias == bias).count();
                 if n > 0 {
                     let w = Writer { kind, layer: None, expert: None, bias, model_axis: 0 };
-                    out.push((writer_label(&w), n));
+                    out.push((w.label(), n));
                 }
             }
         }
@@ -409,11 +406,11 @@ fn gain_weighted_basis(ckpt: &Checkpoint, norm: TensorRef, basis: &Basis) -> Res
     let d = basis.d();
     if basis.k() == 1 {
         // One vector: exactly ŝ as method.md §6 computes it (zeros where g ⊙ r̂ = 0).
-        return Ok(Basis::from_orthonormal(d, gain_weighted_unit(ckpt, norm, basis.vector(0))?));
+        return Ok(Basis::from_orthonormal(d, ckpt.gain_weighted_unit(norm, basis.vector(0))?));
     }
     let mut kept: Vec<Vec<f64>> = Vec::new();
     for v in basis.vectors() {
-        let s = gain_weighted_unit(ckpt, norm, v)?;
+        let s = ckpt.gain_weighted_unit(norm, v)?;
         if s.iter().all(|x| *x == 0.0) {
             continue;
         }
@@ -428,31 +425,6 @@ fn gain_weighted_basis(ckpt: &Checkpoint, norm: TensorRef, basis: &Basis) -> Res
     }
     let rows: Vec<&[f64]> = kept.iter().map(Vec::as_slice).collect();
     Ok(Basis::orthonormalize(&rows).expect("the kept vectors were checked independent one by one"))
-}
-
-/// `ŝ = (g ⊙ r̂)/||g ⊙ r̂||` with `g = 1 + w` in f64 from the exact stored gain (method.md §6).
-fn gain_weighted_unit(ckpt: &Checkpoint, norm: TensorRef, r_hat: &[f64]) -> Result<Vec<f64>> {
-    let t = ckpt.entry(norm);
-    let d = r_hat.len();
-    if t.shape != [d] || !t.dtype.is_float() {
-        return Err(ckpt
-            .tensor_error(
-                norm,
-                format!("a post-norm gain must be a float vector of hidden_size {d}, found {} {:?}", t.dtype, t.shape),
-            )
-            .into());
-    }
-    let mut w = vec![0f64; d];
-    checkpoint::dtype::decode_f64(t.dtype, ckpt.bytes(norm), &mut w);
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(ckpt.tensor_error(norm, format!("post-norm gain is not finite at index {i}")).into());
-    }
-    let s: Vec<f64> = w.iter().zip(r_hat).map(|(w, r)| (1.0 + w) * r).collect();
-    let n = s.iter().map(|v| v * v).sum::<f64>().sqrt();
-    if n == 0.0 {
-        return Ok(vec![0.0; d]);
-    }
-    Ok(s.iter().map(|v| v / n).collect())
 }
 
 /// The LM head name that unties a given embedding name.
@@ -486,6 +458,22 @@ impl Excludes {
     fn matching(&self, name: &str) -> Option<&str> {
         self.globs.iter().find(|(_, g)| g.is_match(name)).map(|(p, _)| p.as_str())
     }
+}
+
+/// The tensors [`plan`] would refuse as unknown: no role in the family, and no `--exclude` glob
+/// of `opts` matches them. In header order.
+pub fn unknown_tensors(ckpt: &Checkpoint, opts: &Options) -> Result<Vec<TensorRef>> {
+    let excludes = Excludes::new(&opts.exclude)?;
+    Ok(ckpt
+        .tensors()
+        .filter(|(r, t)| ckpt.role(*r) == Role::Unknown && excludes.matching(&t.name).is_none())
+        .map(|(r, _)| r)
+        .collect())
+}
+
+/// An `--exclude` pattern that matches exactly one tensor name (glob characters escaped).
+pub fn exact_pattern(name: &str) -> String {
+    globset::escape(name)
 }
 
 /// Decides what an edit of `ckpt` with `opts` rewrites, adds and leaves alone.
@@ -576,7 +564,7 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
                     ckpt.tensor_error(
                         r,
                         format!(
-                            "{} writes through a post-norm, but layer {layer} has no `{}` (method.md §6)",
+                            "{} writes through a post-norm, but layer {layer} has no `{}` (docs/method.md §6)",
                             ckpt.config.family.name(),
                             match site {
                                 Site::Attn => "post_attention_layernorm.weight",

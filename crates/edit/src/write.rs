@@ -910,12 +910,12 @@ mod tests {
     #[test]
     fn a_full_disk_is_a_clear_error_and_leaves_nothing() {
         let tmp = tempfile::tempdir().unwrap();
-        let model = crate::synth::llama(tmp.path(), checkpoint::Dtype::BF16, true);
-        let dir = Direction::load(&crate::synth::direction_file(tmp.path(), 64), 64).unwrap();
+        let model = testutil::synth::llama(tmp.path(), checkpoint::Dtype::BF16, true);
+        let dir = Direction::load(&testutil::synth::direction_file(tmp.path(), 64), 64).unwrap();
         let ckpt = Checkpoint::open(&model).unwrap();
         let plan = crate::plan(&ckpt, &crate::Options::default()).unwrap();
         let out = tmp.path().join("out");
-        let before = crate::synth::hash_dir(&model);
+        let before = testutil::synth::hash_dir(&model);
         for budget in [0u64, 100, 20_000] {
             let e = write_with(
                 &ckpt,
@@ -937,6 +937,6 @@ mod tests {
             let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
             assert!(left.iter().all(|n| !n.to_string_lossy().contains("abliterate-tmp")), "{left:?}");
         }
-        assert_eq!(crate::synth::hash_dir(&model), before);
+        assert_eq!(testutil::synth::hash_dir(&model), before);
     }
 }

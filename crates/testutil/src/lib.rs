@@ -3,6 +3,10 @@
 //!
 //! The real model comes from `../shared/models/build-smollm2.sh`. In a user's fresh clone there is
 //! no `../shared`; tests that need it then say so plainly on stderr and skip.
+//!
+//! [`synth`] writes small synthetic checkpoints and direction files for tests.
+
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
