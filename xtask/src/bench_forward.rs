@@ -1,5 +1,6 @@
 //! `cargo xtask bench forward`: the `model` runtime against transformers/PyTorch on the CPU, on the real
-//! test model (SmolLM2-135M-Instruct, float32), same machine, same thread count.
+//! test model (SmolLM2-135M-Instruct, a bf16 checkpoint), same machine, same run, same thread count: ours
+//! with the weights held as f32 and at their stored width (bf16), PyTorch in float32.
 //!
 //! - Prompt processing: 128 chat prompts (`harmless_val[:128]` of the paper's splits, the model's chat
 //!   template with the generation prompt) in 4 batches of 32. PyTorch runs `model(**batch)` on left-padded
@@ -7,8 +8,10 @@
 //!   output), and also with last-position logits only (what `find` needs). Tokens/s counts real tokens.
 //! - Generation: the first 32 prompts in one batch, greedy, exactly 64 new tokens each (`model.generate`
 //!   with `min_new_tokens = max_new_tokens = 64`; ours with no stop ids). New tokens/s.
+//! - The same generation for one prompt (what `abliterate generate` does), ours only.
 //! - Achieved GFLOP/s (useful work: projections, attention over real keys, the LM head rows computed)
 //!   against the machine's f32 matmul peak, measured here with a 2048³ gemm (ours) and `torch.matmul`.
+//! - The peak RSS of the release `abliterate generate` (64 new tokens) with `--weights f32` and `stored`.
 //!
 //! Each timing is the best of `--runs` runs after a warm-up (the machine may be shared). The PyTorch side is
 //! `crates/model/benches/torch_forward.py`, run with `$BENCH_PYTHON` (default `/work/pyenv/venv/bin/python`).
@@ -23,7 +26,7 @@ use std::time::Instant;
 
 use crate::host;
 use anyhow::{Context, Result, bail, ensure};
-use model::{Arch, Batch, GenerateOptions, Logits, Model, NoHook};
+use model::{Arch, Batch, GenerateOptions, LoadOptions, Logits, Model, NoHook, WeightWidth};
 use serde_json::Value;
 
 struct Opts {
@@ -113,6 +116,71 @@ fn matmul_peak() -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / t / 1e9)
 }
 
+/// Seconds for each stage at one width (best of `runs`).
+struct Timings {
+    prompt_all: f64,
+    prompt_last: f64,
+    generate: f64,
+    generate_one: f64,
+}
+
+fn measure(model: &Model, batches: &[Batch], gen_batch: &Batch, runs: usize) -> Result<Timings> {
+    let prompt_all = best(runs, || {
+        for b in batches {
+            std::hint::black_box(model.forward(b, Logits::All, &mut NoHook)?);
+        }
+        Ok(())
+    })?;
+    let prompt_last = best(runs, || {
+        for b in batches {
+            std::hint::black_box(model.forward(b, Logits::Last, &mut NoHook)?);
+        }
+        Ok(())
+    })?;
+    let opts = GenerateOptions { max_new_tokens: 64, stop_tokens: vec![] };
+    let gen_in = |batch: &Batch| {
+        best(runs, || {
+            let g = model.generate(batch, &opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(()))?;
+            ensure!(g.iter().all(|g| g.tokens.len() == 64), "every prompt gets 64 new tokens");
+            Ok(())
+        })
+    };
+    let generate = gen_in(gen_batch)?;
+    let generate_one = gen_in(&Batch::new(&[gen_batch.prompt(0)])?)?;
+    Ok(Timings { prompt_all, prompt_last, generate, generate_one })
+}
+
+/// Peak RSS (kB) of the release `abliterate generate` (64 new tokens) with f32 and with stored weights.
+fn generate_rss(root: &Path, model: &Path, threads: usize) -> Result<[u64; 2]> {
+    let ok = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "abliterate"])
+        .current_dir(root)
+        .status()?
+        .success();
+    ensure!(ok, "cargo build --release -p abliterate failed");
+    let bin = root.join("target/release/abliterate");
+    let mut out = [0; 2];
+    for (i, width) in ["f32", "stored"].into_iter().enumerate() {
+        let run = Command::new("/usr/bin/time")
+            .arg("-v")
+            .arg(&bin)
+            .arg("generate")
+            .arg(model)
+            .args(["--prompt", "Write a haiku about the sea.", "--max-new-tokens", "64", "--json"])
+            .args(["--weights", width, "--threads", &threads.to_string()])
+            .output()
+            .context("running /usr/bin/time")?;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        ensure!(run.status.success(), "abliterate generate --weights {width} failed: {stderr}");
+        out[i] = stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes): "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no peak RSS in /usr/bin/time -v output")?;
+    }
+    Ok(out)
+}
+
 pub fn run(args: &[&str]) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
     let o = parse(args, &root)?;
@@ -162,34 +230,20 @@ pub fn run(args: &[&str]) -> Result<()> {
         (false, _) => None,
     };
 
-    let model = Model::open(&o.model)?;
-    let a = model.arch().clone();
     let batches: Vec<Batch> = prompts.chunks(32).map(Batch::new).collect::<Result<_, _>>()?;
     let real: usize = prompts.iter().map(Vec::len).sum();
-
-    eprintln!("abliterate: prompt processing");
-    let prompt_all = best(o.runs, || {
-        for b in &batches {
-            std::hint::black_box(model.forward(b, Logits::All, &mut NoHook)?);
-        }
-        Ok(())
-    })?;
-    let prompt_last = best(o.runs, || {
-        for b in &batches {
-            std::hint::black_box(model.forward(b, Logits::Last, &mut NoHook)?);
-        }
-        Ok(())
-    })?;
-    eprintln!("abliterate: generation");
     let gen_batch = Batch::new(&prompts[..32])?;
-    let gen_opts = GenerateOptions { max_new_tokens: 64, stop_tokens: vec![] };
-    let generate = best(o.runs, || {
-        let g = model.generate(&gen_batch, &gen_opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(()))?;
-        ensure!(g.iter().all(|g| g.tokens.len() == 64), "every prompt gets 64 new tokens");
-        Ok(())
-    })?;
+    let mut ours = Vec::new();
+    for width in [WeightWidth::F32, WeightWidth::Stored] {
+        let model = Model::open_with(&o.model, LoadOptions { weights: width, ..Default::default() })?;
+        eprintln!("abliterate ({}): prompt processing, generation", model.weights_info().describe());
+        ours.push(measure(&model, &batches, &gen_batch, o.runs)?);
+    }
+    let a = Model::open(&o.model)?.arch().clone();
     eprintln!("abliterate: matmul peak");
     let peak = matmul_peak()?;
+    eprintln!("abliterate generate: peak RSS at each width");
+    let rss = generate_rss(&root, &o.model, o.threads)?;
 
     // Useful work.
     let body: f64 = prompts.iter().map(|p| (0..p.len()).map(|i| token_flops(&a, i)).sum::<f64>()).sum();
@@ -208,71 +262,112 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.threads,
         host::load()
     )?;
-    writeln!(t, "Model: `{}` (float32). Best of {} runs after a warm-up.", o.model.display(), o.runs)?;
-    writeln!(t)?;
-    writeln!(t, "| | PyTorch (transformers, eager) | abliterate `model` | ratio |")?;
-    writeln!(t, "|---|---|---|---|")?;
-    let tp = |secs: f64, n: usize| n as f64 / secs;
-    let (tp_all, tp_last, tp_gen) = (tp(prompt_all, real), tp(prompt_last, real), tp(generate, 32 * 64));
-    match &torch {
-        Some(v) => {
-            let ps = v["prompt_seconds"].as_f64().context("prompt_seconds")?;
-            let gs = v["generate_seconds"].as_f64().context("generate_seconds")?;
-            let padded = v["padded_tokens"].as_u64().unwrap_or(0);
-            let (pt, gt) = (tp(ps, real), tp(gs, 32 * 64));
-            writeln!(
-                t,
-                "| prompt processing, 128 prompts ({real} tokens; PyTorch pads to {padded}), all-position logits | {pt:.0} tokens/s | {tp_all:.0} tokens/s | **{:.2}x** |",
-                tp_all / pt
-            )?;
-            writeln!(
-                t,
-                "| prompt processing, last-position logits only (what `find` uses) | | {tp_last:.0} tokens/s | {:.2}x |",
-                tp_last / pt
-            )?;
-            writeln!(
-                t,
-                "| greedy generation, 32 prompts x 64 new tokens | {gt:.1} new tokens/s | {tp_gen:.1} new tokens/s | **{:.2}x** |",
-                tp_gen / gt
-            )?;
-            writeln!(
-                t,
-                "| useful GFLOP/s: prompts (all logits) / generation | {:.1} / {:.1} | {:.1} / {:.1} | |",
-                flops_all / ps / 1e9,
-                gen_flops / gs / 1e9,
-                flops_all / prompt_all / 1e9,
-                gen_flops / generate / 1e9
-            )?;
-            writeln!(
-                t,
-                "| f32 matmul peak (2048³) | {:.1} GFLOP/s (`torch.matmul`) | {peak:.1} GFLOP/s (`gemm`) | |",
-                v["matmul_2048_gflops"].as_f64().unwrap_or(f64::NAN)
-            )?;
-        }
-        None => {
-            writeln!(t, "| prompt processing, all-position logits | | {tp_all:.0} tokens/s | |")?;
-            writeln!(t, "| prompt processing, last-position logits | | {tp_last:.0} tokens/s | |")?;
-            writeln!(t, "| greedy generation, 32 x 64 | | {tp_gen:.1} new tokens/s | |")?;
-            writeln!(
-                t,
-                "| useful GFLOP/s: prompts / generation | | {:.1} / {:.1} | |",
-                flops_all / prompt_all / 1e9,
-                gen_flops / generate / 1e9
-            )?;
-            writeln!(t, "| f32 matmul peak (2048³) | | {peak:.1} GFLOP/s | |")?;
-        }
-    }
-    // The machine's peak: the better of the two libraries' large products.
-    let machine_peak = torch.as_ref().and_then(|v| v["matmul_2048_gflops"].as_f64()).unwrap_or(0.0).max(peak);
-    writeln!(t)?;
     writeln!(
         t,
-        "Share of the machine's measured f32 matmul peak ({machine_peak:.0} GFLOP/s): prompts {:.0}% (all logits), \
-         {:.0}% (last only); generation {:.0}%.",
-        100.0 * flops_all / prompt_all / 1e9 / machine_peak,
-        100.0 * flops_last / prompt_last / 1e9 / machine_peak,
-        100.0 * gen_flops / generate / 1e9 / machine_peak
+        "Model: `{}` (bf16 checkpoint; PyTorch in float32). Best of {} runs after a warm-up.",
+        o.model.display(),
+        o.runs
     )?;
+    writeln!(t)?;
+    let tp = |secs: f64, n: usize| n as f64 / secs;
+    let (f, st) = (&ours[0], &ours[1]);
+    let torch_s = torch.as_ref().map(|v| -> Result<(f64, f64)> {
+        Ok((
+            v["prompt_seconds"].as_f64().context("prompt_seconds")?,
+            v["generate_seconds"].as_f64().context("generate_seconds")?,
+        ))
+    });
+    let torch_s = torch_s.transpose()?;
+    let padded = torch.as_ref().and_then(|v| v["padded_tokens"].as_u64()).unwrap_or(0);
+    writeln!(
+        t,
+        "| | PyTorch (transformers, eager, f32) | abliterate, f32 weights | ratio | abliterate, bf16 weights (stored width) | ratio |"
+    )?;
+    writeln!(t, "|---|---|---|---|---|---|")?;
+    let row = |t: &mut String, what: &str, unit: &str, theirs: Option<f64>, f32: f64, stored: f64| -> Result<()> {
+        let ratio = |x: f64| theirs.map_or(String::new(), |p| format!("**{:.2}x**", x / p));
+        let theirs = theirs.map_or(String::new(), |p| format!("{p:.1} {unit}"));
+        writeln!(
+            t,
+            "| {what} | {theirs} | {f32:.1} {unit} | {} | {stored:.1} {unit} | {} |",
+            ratio(f32),
+            ratio(stored)
+        )?;
+        Ok(())
+    };
+    row(
+        &mut t,
+        &format!("prompt processing, 128 prompts ({real} tokens; PyTorch pads to {padded}), all-position logits"),
+        "tokens/s",
+        torch_s.map(|(ps, _)| tp(ps, real)),
+        tp(f.prompt_all, real),
+        tp(st.prompt_all, real),
+    )?;
+    row(
+        &mut t,
+        "prompt processing, last-position logits only (what `find` uses)",
+        "tokens/s",
+        torch_s.map(|(ps, _)| tp(ps, real)),
+        tp(f.prompt_last, real),
+        tp(st.prompt_last, real),
+    )?;
+    row(
+        &mut t,
+        "greedy generation, 32 prompts x 64 new tokens",
+        "new tokens/s",
+        torch_s.map(|(_, gs)| tp(gs, 32 * 64)),
+        tp(f.generate, 32 * 64),
+        tp(st.generate, 32 * 64),
+    )?;
+    row(
+        &mut t,
+        "greedy generation, 1 prompt x 64 new tokens (what `generate` does)",
+        "new tokens/s",
+        None,
+        tp(f.generate_one, 64),
+        tp(st.generate_one, 64),
+    )?;
+    row(
+        &mut t,
+        "useful GFLOP/s: prompts (all logits)",
+        "",
+        torch_s.map(|(ps, _)| flops_all / ps / 1e9),
+        flops_all / f.prompt_all / 1e9,
+        flops_all / st.prompt_all / 1e9,
+    )?;
+    row(
+        &mut t,
+        "useful GFLOP/s: generation (32 x 64)",
+        "",
+        torch_s.map(|(_, gs)| gen_flops / gs / 1e9),
+        gen_flops / f.generate / 1e9,
+        gen_flops / st.generate / 1e9,
+    )?;
+    writeln!(
+        t,
+        "| peak RSS of `abliterate generate` (64 new tokens) | | {:.0} MB | | {:.0} MB | |",
+        rss[0] as f64 / 1e3,
+        rss[1] as f64 / 1e3
+    )?;
+    let torch_peak = torch.as_ref().and_then(|v| v["matmul_2048_gflops"].as_f64());
+    writeln!(
+        t,
+        "| f32 matmul peak (2048³) | {} | {peak:.1} GFLOP/s (`gemm`) | | | |",
+        torch_peak.map_or(String::new(), |p| format!("{p:.1} GFLOP/s (`torch.matmul`)"))
+    )?;
+    // The machine's peak: the better of the two libraries' large products.
+    let machine_peak = torch_peak.unwrap_or(0.0).max(peak);
+    writeln!(t)?;
+    for (name, m) in [("f32", f), ("stored", st)] {
+        writeln!(
+            t,
+            "Share of the machine's measured f32 matmul peak ({machine_peak:.0} GFLOP/s), {name} weights: prompts {:.0}% \
+             (all logits), {:.0}% (last only); generation {:.0}%.",
+            100.0 * flops_all / m.prompt_all / 1e9 / machine_peak,
+            100.0 * flops_last / m.prompt_last / 1e9 / machine_peak,
+            100.0 * gen_flops / m.generate / 1e9 / machine_peak
+        )?;
+    }
     println!("{t}");
     Ok(())
 }

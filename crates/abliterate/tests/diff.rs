@@ -233,6 +233,11 @@ fn rank_one_update_of_one_tensor() {
     let (pa, pb) = (norm(&projections(&wa, v_, &r)), norm(&projections(&wb, v_, &r)));
     close(f(&c["projection_ratio"]), pb / pa, 1e-10);
     close(f(&t["orthogonality"]), pb / norm(&wb), 1e-10);
+    // Issue 13: `--threads` (shared by every computing command) changes nothing in the report.
+    for threads in ["1", "3"] {
+        let w = diff_json(&a, &b, &["--direction", fixture(DIRECTION).to_str().unwrap(), "--threads", threads]);
+        assert_eq!(w["tensors"], v["tensors"], "--threads {threads}");
+    }
 }
 
 #[test]
@@ -561,4 +566,34 @@ fn a_real_edit_of_smollm2_is_rank_one_along_the_direction_and_passes_the_gate() 
     assert_eq!(v["gate"]["passed"], true);
     assert_eq!(v["gate"]["writers"], 61);
     assert!(f(&v["gate"]["max"]) < 3e-4, "{}", v["gate"]);
+}
+
+/// Issue 13: the gain-weighted ŝ, the writer-kind labels and the `against` labels had two
+/// definitions each (edit's and diff's). One each now, in `checkpoint`: edit's manifest, diff and
+/// inspect name every edited tensor's kind and unit vector alike, and the diff of an edit of
+/// Gemma 2 finds every writer orthogonal to the ŝ the edit removed.
+#[test]
+fn edit_diff_and_inspect_agree_on_kinds_and_unit_vectors() {
+    let a = fixture("models/gemma2/bf16");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let dir = fixture(DIRECTION);
+    let run =
+        abliterate(["edit", a.to_str().unwrap(), "--direction", dir.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let manifest: Value = serde_json::from_slice(&std::fs::read(out.join("abliterate.json")).unwrap()).unwrap();
+    let v = diff_json(&a, &out, &["--direction", dir.to_str().unwrap(), "--expect-orthogonal", "0.01"]);
+    let run = abliterate(["inspect", a.to_str().unwrap(), "--json"]);
+    let inspect: Value = serde_json::from_str(&run.stdout).unwrap();
+    let edited = manifest["edited"].as_array().unwrap();
+    assert_eq!(edited.len(), 5);
+    for l in edited {
+        let name = l["name"].as_str().unwrap();
+        let t = tensor(&v, name);
+        assert_eq!((&t["kind"], &t["against"]), (&l["kind"], &l["against"]), "{name}");
+        assert_eq!(inspect["edit"]["against"][name], l["against"], "{name}");
+        let listed = inspect["residual_writers"]["list"].as_array().unwrap().iter().find(|w| w["name"] == name);
+        assert_eq!(listed.unwrap()["kind"], l["kind"], "{name}");
+    }
+    assert_eq!(v["gate"]["passed"], true, "{}", v["gate"]);
 }

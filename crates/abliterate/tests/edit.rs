@@ -1,5 +1,5 @@
 //! `abliterate edit` end to end: the real binary on small checkpoints built by the test
-//! (`edit::synth`), checking the output files byte by byte, the manifest, the options, and every
+//! (`testutil::synth`), checking the output files byte by byte, the manifest, the options, and every
 //! bad input with its exact message. The input is hashed before and after every run.
 
 mod util;
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use checkpoint::{Checkpoint, Dtype, Shard};
-use edit::synth;
 use serde_json::Value;
+use testutil::synth;
 use util::{Run, abliterate};
 
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
@@ -181,6 +181,15 @@ fn output_is_byte_identical_across_runs_and_thread_counts() {
     }
     assert_eq!(hashes[0], hashes[1], "RAYON_NUM_THREADS=1 and 2 differ");
     assert_eq!(hashes[1], hashes[2], "two runs differ");
+    // Issue 13: `--threads`, the option every computing command shares, says the same.
+    for threads in ["1", "3"] {
+        let out = t.out(&format!("threads-{threads}"));
+        ok(&t.edit(&out, &["--threads", threads]));
+        assert_eq!(synth::hash_dir(&out), hashes[0], "--threads {threads}");
+    }
+    let r = t.edit(&t.out("zero"), &["--threads", "0"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("invalid value '0' for '--threads <N>'"), "{}", r.stderr);
 }
 
 #[test]
@@ -719,7 +728,7 @@ fn multimodal_gemma3_is_untied_where_transformers_reads_it() {
     // The post-norm writers were edited against the gain-weighted direction.
     let m = manifest(&out);
     let against: Vec<&str> = m["edited"].as_array().unwrap().iter().map(|l| l["against"].as_str().unwrap()).collect();
-    assert_eq!(against.iter().filter(|a| a.starts_with("gain-weighted by `language_model.model.layers.")).count(), 4);
+    assert_eq!(against.iter().filter(|a| a.starts_with("s(language_model.model.layers.")).count(), 4);
 }
 
 #[test]
@@ -848,18 +857,151 @@ fn help_snapshot() {
           <MODEL>  Model directory: a Hugging Face checkpoint (config.json and safetensors weights)
 
         Options:
-              --direction <FILE>       Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm)
-              --candidate <POS,LAYER>  With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as POS,LAYER (e.g. `-1,22`: the last prompt token, the residual entering layer 22)
-          -o, --output <OUT>           Output directory. Written beside it as a temporary directory and renamed when complete
-              --scale <S>              Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (method.md §6, scale variant) [default: 1]
-              --layers <RANGE>         Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
-              --skip-embeddings        Leave the token embedding unedited
-              --exclude <PATTERN>      Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest
-              --keep-tie               With tied embeddings, keep the tie: the edit then also changes the unembedding, so the model is no longer equivalent to ablation. By default the original embedding is written as an untied lm_head.weight
-              --dry-run                Print the plan (what would be rewritten, added and excluded) and write nothing
-              --force                  Replace OUT if it exists (only after the new one is complete)
-              --json                   Print a machine-readable summary on stdout
-          -h, --help                   Print help
-          -V, --version                Print version
+              --direction <FILE>
+                  Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm); or a subspace file (`direction` [k, hidden]: remove all k directions, W' = W − V Vᵀ W); or a per-layer file (`directions` [layers, hidden] or [layers, k, hidden]); see docs/variants.md and `abliterate direction`
+              --candidate <POS,LAYER>
+                  With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as POS,LAYER (e.g. `-1,22`: the last prompt token, the residual entering layer 22)
+          -o, --output <OUT>
+                  Output directory. Written beside it as a temporary directory and renamed when complete
+              --scale <S>
+                  Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (docs/method.md §6, scale) [default: 1]
+              --layers <RANGE>
+                  Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
+              --skip-embeddings
+                  Leave the token embedding unedited
+              --exclude <PATTERN>
+                  Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest
+              --keep-tie
+                  With tied embeddings, keep the tie: the edit then also changes the unembedding, so the model is no longer equivalent to ablation. By default the original embedding is written as an untied lm_head.weight
+              --norm-preserving
+                  Restore the norm of every vector a writer adds to the residual stream after removing the direction (each column of a weight, each row of the embedding; docs/variants.md)
+              --kernel-attn <PEAK,POS,MIN,WIDTH>
+                  Layer kernel for the attention output writers: PEAK,POSITION,MIN,WIDTH (heretic's tent: PEAK at layer POSITION, falling linearly to MIN at distance WIDTH, 0 beyond); multiplies --scale
+              --kernel-mlp <PEAK,POS,MIN,WIDTH>
+                  Layer kernel for the MLP down projections (experts included), as --kernel-attn
+              --embedding-weight <W>
+                  Weight of the embedding's edit (it belongs to no layer); 0 leaves it unedited
+              --kernel-table <FILE>
+                  Layer kernel as an explicit table: JSON {"attn": [w_0, ...], "mlp": [...], "embedding": w}
+              --dry-run
+                  Print the plan (what would be rewritten, added and excluded) and write nothing
+              --force
+                  Replace OUT if it exists (only after the new one is complete)
+              --json
+                  Print a machine-readable summary on stdout
+              --threads <N>
+                  Compute threads (default: one per core). Results do not depend on it
+          -h, --help
+                  Print help
+          -V, --version
+                  Print version
     "#]].assert_eq(&r.stdout);
+}
+
+/// A tiny f32 Llama whose config.json ties the head to the embedding although `lm_head.weight` is
+/// stored too: an identical copy of the embedding, or a different tensor.
+fn tied_llama_with_stored_head(parent: &Path, identical: bool) -> PathBuf {
+    let dir = parent.join(if identical { "tied-copy" } else { "tied-stale" });
+    std::fs::create_dir_all(&dir).unwrap();
+    synth::write_config(&dir, &synth::llama_config(true));
+    let mut tensors = synth::llama_tensors(Dtype::F32, false);
+    if identical {
+        let embedding = tensors[0].values.clone();
+        tensors.last_mut().unwrap().values = embedding;
+    }
+    synth::write_safetensors(&dir.join("model.safetensors"), None, &tensors);
+    dir
+}
+
+/// Issue 13: `edit` read a tied config with a stored `lm_head.weight` as untied and left the config
+/// alone, while the runtime (like transformers 4.57) ignores the stored head and reads the embedding,
+/// so the edited embedding silently became the output head. One rule now (`Checkpoint::head`): the
+/// edited model's logits equal directional ablation of the model the runtime loads from the input.
+#[test]
+fn a_tied_config_with_a_stored_head_edits_to_directional_ablation() {
+    use model::{Batch, Interventions, Logits, Model, NoHook};
+    for identical in [false, true] {
+        let t = Setup::new(|p| tied_llama_with_stored_head(p, identical));
+        let out = t.out("out");
+        let r = t.edit(&out, &["--json"]);
+        ok(&r);
+        let m = manifest(&out);
+        assert_eq!(m["tie"], "untied");
+        assert_eq!(m["added"].as_array().unwrap().len(), usize::from(!identical), "{}", m["added"]);
+        let config: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["tie_word_embeddings"], false);
+        // Every loader now reads the same head: the original embedding, stored as lm_head.weight.
+        let input = Checkpoint::open(&t.model).unwrap();
+        let edited = Checkpoint::open(&out).unwrap();
+        let (emb, _) = input.get("model.embed_tokens.weight").unwrap();
+        let (head, _) = edited.get("lm_head.weight").unwrap();
+        assert_eq!(edited.bytes(head), input.bytes(emb));
+        assert_eq!(synth::assert_same_layout(&t.model, &out).len(), 5 + usize::from(!identical));
+
+        let direction = edit::Direction::load(&t.direction, synth::HIDDEN).unwrap();
+        let batch = Batch::new(&[vec![1, 5, 9, 20, 33, 70]]).unwrap();
+        let mut ablation = Interventions::ablation(synth::LAYERS, &direction.values).unwrap();
+        let want = Model::open(&t.model).unwrap().forward(&batch, Logits::All, &mut ablation).unwrap().logits;
+        let got = Model::open(&out).unwrap().forward(&batch, Logits::All, &mut NoHook).unwrap().logits;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale, "identical {identical}: max |logit diff| {diff} of {scale}");
+        drop(input);
+        drop(edited);
+
+        // --keep-tie cannot keep such a tie unambiguous.
+        let r = t.edit(&t.out("kept"), &["--keep-tie"]);
+        assert_eq!(r.code, 2);
+        assert_eq!(
+            r.stderr,
+            "error: --keep-tie: config.json ties the LM head to the embedding, but `lm_head.weight` is stored too \
+             (transformers 4.57 ignores it; transformers 5 reads it where it differs from the embedding), so the \
+             edited embedding would be the head for some loaders and not for others; edit without --keep-tie (the \
+             head becomes the original embedding, untied)\n"
+        );
+    }
+}
+
+/// Issue 13 (the overlap check): an edit keeps every tensor at its offsets, whatever the layout the
+/// input has (data in reverse header order, gaps between tensors, an empty tensor whose offsets
+/// lie inside another tensor), and copies every byte outside the edited tensors, gaps included.
+#[test]
+fn unusual_layouts_keep_every_offset() {
+    let t = Setup::new(|p| {
+        let dir = p.join("odd-layout");
+        std::fs::create_dir_all(&dir).unwrap();
+        synth::write_config(&dir, &synth::llama_config(true));
+        let tensors = synth::llama_tensors(Dtype::BF16, true);
+        let mut data = Vec::new();
+        let mut entries = Vec::new();
+        for (k, tensor) in tensors.iter().enumerate().rev() {
+            data.extend((0..13).map(|i| (i * 7 + k) as u8));
+            let begin = data.len();
+            checkpoint::dtype::encode_f64(tensor.dtype, &tensor.values, &mut data);
+            entries.push(checkpoint::TensorEntry {
+                name: tensor.name.clone(),
+                dtype: tensor.dtype,
+                shape: tensor.shape.clone(),
+                begin,
+                end: data.len(),
+            });
+        }
+        let inside = entries.iter().find(|e| e.name == "model.embed_tokens.weight").unwrap().begin + 6;
+        entries.push(checkpoint::TensorEntry {
+            name: "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            dtype: Dtype::F32,
+            shape: vec![0],
+            begin: inside,
+            end: inside,
+        });
+        data.extend_from_slice(b"trailing");
+        let mut bytes = checkpoint::safetensors::write_header(None, &entries);
+        bytes.extend_from_slice(&data);
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        dir
+    });
+    let out = t.out("out");
+    ok(&t.edit(&out, &[]));
+    let changed = synth::assert_same_layout(&t.model, &out);
+    assert_eq!(changed.len(), 5, "{changed:?}");
 }

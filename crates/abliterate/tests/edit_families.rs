@@ -9,7 +9,7 @@ mod util;
 use std::path::PathBuf;
 
 use checkpoint::{Checkpoint, Dtype, Role, Site, WriterKind};
-use edit::synth;
+use testutil::synth;
 use util::{abliterate, fixture};
 
 fn fixture_dirs() -> Vec<PathBuf> {

@@ -11,8 +11,8 @@ mod util;
 use std::fmt::Write as _;
 
 use checkpoint::{Checkpoint, Role};
-use edit::synth;
 use serde_json::Value;
+use testutil::synth;
 use util::abliterate;
 
 /// bf16 bits of an f64, round to nearest even in one step (normal range or zero only).

@@ -172,3 +172,63 @@ fn the_real_models_reply_is_transformers_greedy_reply() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(tokens(&json(&r.stdout)), want);
 }
+
+/// `--weights` and `--threads` change where the weights live and how many threads compute, never the
+/// reply; the JSON says what was held.
+#[test]
+fn weights_and_threads_leave_the_reply_unchanged_and_are_reported() {
+    let dir = fixture("models/llama/bf16");
+    let run = |width: &str, threads: &str| {
+        let r = abliterate([
+            "generate",
+            s(&dir),
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            "6",
+            "--weights",
+            width,
+            "--threads",
+            threads,
+            "--json",
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        json(&r.stdout)
+    };
+    let f32 = run("f32", "2");
+    let stored = run("stored", "1");
+    assert_eq!(tokens(&f32), tokens(&stored));
+    assert_eq!(tokens(&f32), library_reply(&dir, "Hello there", 6, &mut NoHook));
+    assert_eq!((f32["weights"]["width"].as_str(), f32["weights"]["dtypes"][0].as_str()), (Some("f32"), Some("f32")));
+    assert_eq!(
+        (stored["weights"]["requested"].as_str(), stored["weights"]["dtypes"][0].as_str()),
+        (Some("stored"), Some("bf16"))
+    );
+    assert!(stored["weights"]["bytes"].as_u64().unwrap() * 2 <= f32["weights"]["bytes"].as_u64().unwrap() + 4096);
+
+    let r = abliterate(["generate", s(&dir), "--prompt", "hi", "--weights", "bf16"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("[possible values: f32, stored, auto]"), "{}", r.stderr);
+    let r = abliterate(["generate", s(&dir), "--prompt", "hi", "--threads", "0"]);
+    assert_eq!(r.code, 2);
+}
+
+/// An absurd `--max-new-tokens` is an error naming the context length, not an allocation failure.
+#[test]
+fn max_new_tokens_beyond_the_context_is_an_error() {
+    let dir = fixture("models/llama/bf16");
+    let r = abliterate(["generate", s(&dir), "--prompt", "hi", "--max-new-tokens", "18446744073709551615"]);
+    let chat = chat::Chat::load(&dir).unwrap();
+    let n = chat.prompt_ids("hi", None).unwrap().len();
+    assert_eq!(
+        (r.code, r.stderr.trim_end()),
+        (
+            2,
+            format!(
+                "error: prompt 0 has {n} tokens; with 18446744073709551615 new tokens that is more than the model's \
+                 context of 512 positions (max_position_embeddings)"
+            )
+            .as_str()
+        )
+    );
+}

@@ -75,6 +75,18 @@ impl Family {
         matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3)
     }
 
+    /// `head_dim` when config.json has none, as transformers 4.57 defaults it: 256 for the Gemmas
+    /// and 128 for Qwen 3 (their config classes' defaults), `hidden / heads` for every other
+    /// family (their attention's `getattr(config, "head_dim", hidden // heads)`). The one
+    /// definition: `edit` checks shapes with it and the runtime runs with it.
+    pub fn default_head_dim(self, hidden: usize, heads: usize) -> Option<usize> {
+        match self {
+            Family::Gemma | Family::Gemma2 | Family::Gemma3 => Some(256),
+            Family::Qwen3 => Some(128),
+            _ => hidden.is_multiple_of(heads).then(|| hidden / heads),
+        }
+    }
+
     /// Gemma 2 and 3 normalise each block's output before adding it to the residual
     /// (method.md §6, post-norm writers).
     pub fn has_post_norms(self) -> bool {
@@ -110,6 +122,7 @@ pub struct Config {
     pub vocab_size: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
+    /// `head_dim`, or the family's default ([`Family::default_head_dim`]).
     pub head_dim: usize,
     /// Dense MLP width (absent for pure-MoE layers in some configs).
     pub intermediate_size: Option<usize>,
@@ -168,12 +181,11 @@ impl Config {
         let need = |k: &str| get(k).ok_or_else(|| ConfigError::BadField { field: k.to_string() });
         let hidden_size = need("hidden_size")?;
         let num_attention_heads = need("num_attention_heads")?;
-        let head_dim = match get("head_dim") {
-            Some(h) => h,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(ConfigError::HeadDim { hidden: hidden_size, heads: num_attention_heads });
-            }
+        let head_dim = match raw.get("head_dim") {
+            None | Some(Value::Null) => family
+                .default_head_dim(hidden_size, num_attention_heads)
+                .ok_or(ConfigError::HeadDim { hidden: hidden_size, heads: num_attention_heads })?,
+            Some(_) => need("head_dim")?,
         };
         let moe = match family {
             Family::Mixtral => Some(Moe {
@@ -239,12 +251,44 @@ mod tests {
         )
         .unwrap();
         assert!(c.tie_word_embeddings);
-        assert_eq!((c.head_dim, c.num_key_value_heads), (16, 4));
+        // Issue 13: Gemma's head_dim defaults to 256 (not hidden/heads = 16), as in transformers.
+        assert_eq!((c.head_dim, c.num_key_value_heads), (256, 4));
         let c = Config::parse(
             br#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"vocab_size":10,"num_attention_heads":4}"#,
         )
         .unwrap();
         assert!(!c.tie_word_embeddings);
+    }
+
+    /// transformers 4.57's `head_dim` when config.json omits it (or writes null), family by family.
+    #[test]
+    fn head_dim_defaults_follow_each_family() {
+        for family in Family::ALL {
+            let want = match family {
+                Family::Gemma | Family::Gemma2 | Family::Gemma3 => 256,
+                Family::Qwen3 => 128,
+                _ => 16,
+            };
+            for head_dim in ["", r#""head_dim":null,"#] {
+                let text = format!(
+                    r#"{{"model_type":"{}",{head_dim}"hidden_size":64,"num_hidden_layers":2,"vocab_size":10,"num_attention_heads":4,
+                       "intermediate_size":8,"num_local_experts":2,"num_experts":2,"num_experts_per_tok":1,"moe_intermediate_size":8}}"#,
+                    family.name()
+                );
+                assert_eq!(Config::parse(text.as_bytes()).unwrap().head_dim, want, "{family:?} {head_dim}");
+            }
+        }
+        let e = |t: &str| Config::parse(t.as_bytes()).unwrap_err().to_string();
+        let base = r#""hidden_size":64,"num_hidden_layers":2,"vocab_size":10,"num_attention_heads":5"#;
+        assert_eq!(
+            e(&format!(r#"{{"model_type":"llama",{base}}}"#)),
+            "hidden_size 64 is not divisible by num_attention_heads 5 and no head_dim is given"
+        );
+        assert_eq!(Config::parse(format!(r#"{{"model_type":"gemma",{base}}}"#).as_bytes()).unwrap().head_dim, 256);
+        assert_eq!(
+            e(&format!(r#"{{"model_type":"llama",{base},"head_dim":"16"}}"#)),
+            "`head_dim` is missing or not a positive integer"
+        );
     }
 
     #[test]

@@ -65,6 +65,25 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What the LM head reads ([`Checkpoint::head`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// config.json unties them: the stored `lm_head.weight`.
+    Stored,
+    /// config.json ties them and no `lm_head.weight` is stored: the embedding.
+    Tied,
+    /// config.json ties them, yet an `lm_head.weight` is stored: the head is the embedding and the
+    /// stored tensor is ignored. `identical`: it has the embedding's dtype, shape and bytes.
+    TiedIgnoringStored { identical: bool },
+}
+
+impl Head {
+    /// Whether the head reads the embedding.
+    pub fn tied(self) -> bool {
+        self != Head::Stored
+    }
+}
+
 /// One memory-mapped, validated safetensors file.
 pub struct Shard {
     /// File name inside the model directory.
@@ -296,13 +315,71 @@ impl Checkpoint {
         roles::classify(self.config.family, &t.name, t.shape.len())
     }
 
-    /// Whether the LM head reads the embedding: the config says so and no `lm_head.weight` is stored.
+    /// What the LM head reads: the one tie rule, used by `edit` and by the runtime.
+    ///
+    /// transformers (4.57, every supported family alike: `tie_weights` after loading) ties the head
+    /// to the embedding whenever config.json says `tie_word_embeddings` (the family default
+    /// where it is absent, [`Family::default_tie`]); a stored `lm_head.weight` is then ignored.
+    /// Whether it was a harmless copy (as `.bin` conversions store) matters for what an edit
+    /// writes: transformers 5 ties only when the two are equal and otherwise reads the stored
+    /// head, so a differing one makes the input mean different models to different loaders.
+    pub fn head(&self) -> Head {
+        let stored = self.lm_head_name();
+        match (self.config.tie_word_embeddings, stored) {
+            (false, _) => Head::Stored,
+            (true, None) => Head::Tied,
+            (true, Some(head)) => {
+                let same = |(h, e): (TensorRef, TensorRef)| {
+                    let (ht, et) = (self.entry(h), self.entry(e));
+                    ht.dtype == et.dtype && ht.shape == et.shape && self.bytes(h) == self.bytes(e)
+                };
+                let pair =
+                    self.get(head).map(|(h, _)| h).zip(self.embedding_name().and_then(|e| self.get(e)).map(|(e, _)| e));
+                Head::TiedIgnoringStored { identical: pair.is_some_and(same) }
+            }
+        }
+    }
+
+    /// Whether the LM head reads the embedding ([`Checkpoint::head`]): exactly when config.json
+    /// (or the family default) says `tie_word_embeddings`.
     pub fn tied(&self) -> bool {
-        self.config.tie_word_embeddings && !self.has_lm_head()
+        self.config.tie_word_embeddings
     }
 
     pub fn has_lm_head(&self) -> bool {
-        self.get("lm_head.weight").is_some() || self.get("language_model.lm_head.weight").is_some()
+        self.lm_head_name().is_some()
+    }
+
+    /// The stored name of the LM head, if one is stored.
+    pub fn lm_head_name(&self) -> Option<&str> {
+        ["lm_head.weight", "language_model.lm_head.weight"].into_iter().find(|n| self.get(n).is_some())
+    }
+
+    /// The gain-weighted unit direction of a Gemma 2/3 post-norm (method.md §6): with the gain
+    /// `g = 1 + w` of the RMSNorm weight `norm`, decoded exactly to f64, `ŝ = (g ⊙ r̂)/||g ⊙ r̂||`.
+    /// `ŝᵀu = 0` is exactly "the block writing `u` through this norm adds nothing along `r̂`"
+    /// (`r̂ᵀ(g ⊙ u) = ||g ⊙ r̂|| ŝᵀu`), so `edit` removes `ŝ` and `diff` measures it. Where
+    /// `g ⊙ r̂ = 0` the block cannot write along `r̂` at all and `ŝ` is returned as zeros.
+    pub fn gain_weighted_unit(&self, norm: TensorRef, r_hat: &[f64]) -> Result<Vec<f64>> {
+        let t = self.entry(norm);
+        let d = r_hat.len();
+        if t.shape != [d] || !t.dtype.is_float() {
+            return Err(self.tensor_error(
+                norm,
+                format!("a post-norm gain must be a float vector of hidden_size {d}, found {} {:?}", t.dtype, t.shape),
+            ));
+        }
+        let mut w = vec![0f64; d];
+        dtype::decode_f64(t.dtype, self.bytes(norm), &mut w);
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(self.tensor_error(norm, format!("post-norm gain is not finite at index {i}")));
+        }
+        let s: Vec<f64> = w.iter().zip(r_hat).map(|(w, r)| (1.0 + w) * r).collect();
+        let n = s.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if n == 0.0 {
+            return Ok(vec![0.0; d]);
+        }
+        Ok(s.iter().map(|v| v / n).collect())
     }
 
     /// The stored name of the token embedding.

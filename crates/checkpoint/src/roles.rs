@@ -41,6 +41,15 @@ impl WriterKind {
     }
 }
 
+/// Label of the unit vector a writer is edited or measured against, the same in every output:
+/// `r` (the direction), or `s(NORM)` for the gain-weighted `ŝ` of the post-norm `NORM` (Gemma 2/3).
+pub fn unit_label(post_norm: Option<&str>) -> String {
+    match post_norm {
+        None => "r".to_string(),
+        Some(norm) => format!("s({norm})"),
+    }
+}
+
 /// Where a writer's contribution is added: after attention or after the MLP/MoE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Site {
@@ -62,6 +71,11 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// `attn_out`, `mlp_down`, ... with `_bias` for biases: the one label of a writer's kind.
+    pub fn label(&self) -> String {
+        if self.bias { format!("{}_bias", self.kind.label()) } else { self.kind.label().to_string() }
+    }
+
     /// Views a tensor of this writer as `[outer, d, inner]` around its d_model axis: a weight
     /// `[d, k]` is `[1, d, k]`, an embedding `[V, d]` is `[V, d, 1]`, a bias `[d]` is `[1, d, 1]`,
     /// fused experts `[E, d, k]` are `[E, d, k]`. Every edit and measurement works on this view.
@@ -132,6 +146,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// `embedding`, `attn_out`, `mlp_down_bias`, `post_norm`, `lm_head`, `unknown`, ...: the one
+    /// label of every role, in every output.
+    pub fn label(&self) -> String {
+        match self {
+            Role::Writer(w) => w.label(),
+            Role::PostNorm { .. } => "post_norm".to_string(),
+            Role::Reader(r) => r.label().to_string(),
+            Role::Unknown => "unknown".to_string(),
+        }
+    }
+
     pub fn writer(&self) -> Option<&Writer> {
         match self {
             Role::Writer(w) => Some(w),

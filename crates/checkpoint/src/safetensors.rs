@@ -194,9 +194,17 @@ fn as_usizes(v: Option<&Value>) -> Option<Vec<usize>> {
 }
 
 /// Checks the entries against a data section of `data_len` bytes: no two overlap, all lie inside.
+///
+/// Overlap is checked with one sweep over the entries sorted by start, remembering the furthest
+/// end seen so far: comparing only neighbours would miss `A [0,8)`, `E [4,4)`, `C [6,10)` (the
+/// empty `E` sits between the two that overlap). Empty tensors occupy no bytes and overlap
+/// nothing, wherever they sit.
 pub fn validate_layout(header: &Header, data_len: usize) -> Result<(), HeaderError> {
     let mut order: Vec<&TensorEntry> = header.tensors.iter().collect();
     order.sort_by_key(|t| (t.begin, t.end));
+    if let Some((a, b)) = first_overlap(&order) {
+        return Err(HeaderError::Overlap { a: a.name.clone(), b: b.name.clone() });
+    }
     // A contiguous layout (as every writer produces) that runs past the end is a truncated file;
     // anything else past the end is a bad offset.
     let mut contiguous = true;
@@ -204,12 +212,6 @@ pub fn validate_layout(header: &Header, data_len: usize) -> Result<(), HeaderErr
     for t in &order {
         contiguous &= t.begin == cursor;
         cursor = cursor.max(t.end);
-    }
-    for w in order.windows(2) {
-        // Empty tensors occupy no bytes and overlap nothing.
-        if w[1].begin < w[0].end && w[0].nbytes() > 0 && w[1].nbytes() > 0 {
-            return Err(HeaderError::Overlap { a: w[0].name.clone(), b: w[1].name.clone() });
-        }
     }
     if cursor > data_len {
         if contiguous {
@@ -219,6 +221,24 @@ pub fn validate_layout(header: &Header, data_len: usize) -> Result<(), HeaderErr
         return Err(HeaderError::OutOfBounds { name: t.name.clone(), begin: t.begin, end: t.end, data_len });
     }
     Ok(())
+}
+
+/// The first pair of non-empty entries whose byte ranges intersect, in `sorted` (by start): the
+/// earlier one is the entry with the furthest end among those before.
+fn first_overlap<'a>(sorted: &[&'a TensorEntry]) -> Option<(&'a TensorEntry, &'a TensorEntry)> {
+    let mut furthest: Option<&TensorEntry> = None;
+    for &t in sorted.iter().filter(|t| t.nbytes() > 0) {
+        if let Some(f) = furthest {
+            if t.begin < f.end {
+                return Some((f, t));
+            }
+            if t.end <= f.end {
+                continue;
+            }
+        }
+        furthest = Some(t);
+    }
+    None
 }
 
 /// Serializes a header: `__metadata__` first (if any), then the tensors in the given order,
@@ -346,5 +366,61 @@ mod tests {
             e(r#"{"__metadata__":{"x":1}}"#, 0),
             "`__metadata__` must map strings to strings (value of `x` is not a string)"
         );
+    }
+
+    fn entry(name: &str, begin: usize, end: usize) -> TensorEntry {
+        TensorEntry { name: name.into(), dtype: Dtype::U8, shape: vec![end - begin], begin, end }
+    }
+
+    /// Issue 13: an empty tensor between two overlapping ones hid the overlap from a check that
+    /// compared only neighbours.
+    #[test]
+    fn overlap_behind_an_empty_tensor_is_found() {
+        let header = Header {
+            json_len: 0,
+            metadata: None,
+            tensors: vec![entry("A", 0, 8), entry("E", 4, 4), entry("C", 6, 10)],
+        };
+        assert_eq!(
+            validate_layout(&header, 10).unwrap_err().to_string(),
+            "tensors `A` and `C` overlap in the data section"
+        );
+        // A short tensor inside a long one does not hide a later one that still overlaps the long one.
+        let header = Header {
+            json_len: 0,
+            metadata: None,
+            tensors: vec![entry("long", 0, 10), entry("short", 1, 2), entry("late", 2, 3), entry("next", 9, 12)],
+        };
+        assert_eq!(
+            validate_layout(&header, 12).unwrap_err().to_string(),
+            "tensors `long` and `short` overlap in the data section"
+        );
+        // Empty tensors anywhere (inside another, at its ends, past the last) overlap nothing.
+        let header = Header {
+            json_len: 0,
+            metadata: None,
+            tensors: vec![entry("A", 0, 8), entry("E1", 0, 0), entry("E2", 4, 4), entry("E3", 8, 8), entry("B", 8, 9)],
+        };
+        assert_eq!(validate_layout(&header, 9), Ok(()));
+    }
+
+    proptest::proptest! {
+        /// The sweep agrees with checking every pair, on random layouts with empty tensors.
+        #[test]
+        fn overlap_check_agrees_with_every_pair(spans in proptest::collection::vec((0usize..24, 0usize..6), 0..8)) {
+            let tensors: Vec<TensorEntry> =
+                spans.iter().enumerate().map(|(i, &(b, n))| entry(&format!("t{i}"), b, b + n)).collect();
+            let pairwise = tensors.iter().enumerate().any(|(i, x)| {
+                tensors[i + 1..].iter().any(|y| x.nbytes() > 0 && y.nbytes() > 0 && x.begin < y.end && y.begin < x.end)
+            });
+            let header = Header { json_len: 0, metadata: None, tensors };
+            let found = matches!(validate_layout(&header, 64), Err(HeaderError::Overlap { .. }));
+            proptest::prop_assert_eq!(found, pairwise);
+            if let Err(HeaderError::Overlap { a, b }) = validate_layout(&header, 64) {
+                let get = |n: &str| header.tensors.iter().find(|t| t.name == n).unwrap();
+                let (a, b) = (get(&a), get(&b));
+                proptest::prop_assert!(a.begin < b.end && b.begin < a.end, "the pair named really overlaps");
+            }
+        }
     }
 }

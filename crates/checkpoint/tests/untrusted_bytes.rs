@@ -23,6 +23,10 @@ impl Rng {
     }
 }
 
+fn fuzz_seeds() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/safetensors_header")
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
@@ -97,11 +101,18 @@ fn check_safetensors(data: &[u8]) {
         assert!(t.begin <= t.end && start + t.end <= data.len(), "accepted out-of-bounds offsets: {t:?}");
         assert_eq!(t.numel() * t.dtype.bits(), t.nbytes() * 8, "accepted a size mismatch: {t:?}");
     }
+    // Pair by pair, independently of the parser's sweep (issue 13: neighbours only was not enough).
+    for (i, x) in h.tensors.iter().enumerate() {
+        for y in &h.tensors[i + 1..] {
+            let disjoint = x.nbytes() == 0 || y.nbytes() == 0 || x.end <= y.begin || y.end <= x.begin;
+            assert!(disjoint, "accepted overlapping tensors {x:?} and {y:?}");
+        }
+    }
 }
 
 #[test]
 fn mutated_safetensors_files_never_panic_the_parser() {
-    let seeds: Vec<Vec<u8>> = [
+    let mut seeds: Vec<Vec<u8>> = [
         "directions/llama.safetensors",
         "models/llama/bf16/model.safetensors",
         "models/qwen3_moe_fused/bf16/model.safetensors",
@@ -109,6 +120,9 @@ fn mutated_safetensors_files_never_panic_the_parser() {
     .iter()
     .map(|p| std::fs::read(fixtures().join(p)).unwrap())
     .collect();
+    // Small offsets and an empty tensor between two others: a digit away from an overlap that
+    // only a sweep over all earlier tensors sees (the cargo-fuzz seed of the same name).
+    seeds.push(std::fs::read(fuzz_seeds().join("empty_between.safetensors")).unwrap());
     let mut rng = Rng(0x5afe_7e57);
     let mut accepted = 0;
     for i in 0..20_000 {
@@ -130,6 +144,38 @@ fn mutated_safetensors_files_never_panic_the_parser() {
     }
     // The mutations must not all be rejected at the first check: some reach the layout checks.
     assert!(accepted > 100, "only {accepted} mutated files parsed; the mutations are too destructive");
+}
+
+/// Structured layouts the byte mutations rarely reach: a few tensors with small, often equal or
+/// overlapping offsets, some of them empty, in any order. Whatever the parser accepts must have no
+/// two non-empty tensors sharing a byte (issue 13: `A [0,8)`, `E [4,4)`, `C [6,10)` was accepted).
+#[test]
+fn random_layouts_with_empty_tensors_never_overlap_once_accepted() {
+    let mut rng = Rng(0x0e7a_1a95);
+    let (mut accepted, mut overlaps) = (0, 0);
+    for _ in 0..20_000 {
+        let n = 1 + rng.below(5);
+        let mut entries = Vec::new();
+        let mut max_end = 0;
+        for i in 0..n {
+            let begin = rng.below(12);
+            let len = if rng.below(3) == 0 { 0 } else { 1 + rng.below(6) };
+            max_end = max_end.max(begin + len);
+            entries
+                .push(format!(r#""t{i}":{{"dtype":"U8","shape":[{len}],"data_offsets":[{begin},{}]}}"#, begin + len));
+        }
+        let json = format!("{{{}}}", entries.join(","));
+        let mut b = (json.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(json.as_bytes());
+        b.resize(b.len() + max_end, 0);
+        check_safetensors(&b);
+        match safetensors::parse(&b) {
+            Ok(_) => accepted += 1,
+            Err(safetensors::HeaderError::Overlap { .. }) => overlaps += 1,
+            Err(_) => {}
+        }
+    }
+    assert!(accepted > 1000 && overlaps > 1000, "{accepted} accepted, {overlaps} overlapping: too few of either");
 }
 
 #[test]

@@ -109,10 +109,11 @@ pub enum Against {
 }
 
 impl Against {
+    /// `r` or `s(NORM)` ([`checkpoint::roles::unit_label`]).
     pub fn label(&self) -> String {
         match self {
-            Against::Direction => "r".to_string(),
-            Against::GainWeighted { norm } => format!("s({norm})"),
+            Against::Direction => checkpoint::roles::unit_label(None),
+            Against::GainWeighted { norm } => checkpoint::roles::unit_label(Some(norm)),
         }
     }
 }
@@ -158,7 +159,7 @@ pub struct TensorDiff {
 
 impl TensorDiff {
     pub fn kind(&self) -> String {
-        kind_label(&self.role)
+        self.role.label()
     }
 
     pub fn is_b_writer(&self) -> bool {
@@ -264,17 +265,6 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
     &d[z..]
 }
 
-/// `embedding`, `attn_out`, `mlp_down_bias`, `post_norm`, `lm_head`, `unknown`, ...
-pub fn kind_label(role: &Role) -> String {
-    match role {
-        Role::Writer(w) if w.bias => format!("{}_bias", w.kind.label()),
-        Role::Writer(w) => w.kind.label().to_string(),
-        Role::PostNorm { .. } => "post_norm".to_string(),
-        Role::Reader(r) => r.label().to_string(),
-        Role::Unknown => "unknown".to_string(),
-    }
-}
-
 /// Sort position of a kind in summaries: writers first (in `WriterKind::ALL` order), then
 /// post-norms, then the rest by name.
 fn kind_order(role: &Role) -> (usize, String) {
@@ -284,7 +274,7 @@ fn kind_order(role: &Role) -> (usize, String) {
         }
         Role::PostNorm { .. } => (100, String::new()),
         Role::Unknown => (300, String::new()),
-        r => (200, kind_label(r)),
+        r => (200, r.label()),
     }
 }
 
@@ -308,21 +298,7 @@ impl Directions {
         if b.config.family.has_post_norms() {
             for (tr, t) in b.tensors() {
                 let Role::PostNorm { layer, site } = b.role(tr) else { continue };
-                if t.shape != [hidden] || !t.dtype.is_float() {
-                    return Err(tensor_error(b.tensor_error(
-                        tr,
-                        format!(
-                            "a post-norm gain must be a float vector of hidden_size {hidden}, found {} {:?}",
-                            t.dtype, t.shape
-                        ),
-                    )));
-                }
-                let w = b.read_f32(&t.name).map_err(tensor_error)?;
-                // method.md §6: the gain is g = 1 + w, and ŝ = (g ⊙ r̂)/||g ⊙ r̂||.
-                let gr: Vec<f64> = w.iter().zip(r).map(|(&w, &r)| (1.0 + w as f64) * r).collect();
-                let norm = gr.iter().map(|v| v * v).sum::<f64>().sqrt();
-                // g ⊙ r̂ = 0: the block cannot write along r̂ at all; a zero vector measures 0.
-                let unit = if norm > 0.0 { gr.iter().map(|v| v / norm).collect() } else { gr };
+                let unit = b.gain_weighted_unit(tr, r).map_err(tensor_error)?;
                 s.insert((layer, site), (t.name.clone(), unit));
             }
         }

@@ -7,20 +7,23 @@
 //! never opens an input file for writing.
 
 pub mod kernel;
+pub mod layer_kernel;
 pub mod manifest;
 pub mod output;
 pub mod plan;
-#[doc(hidden)]
-pub mod synth;
 pub mod write;
 
 use std::path::PathBuf;
 
-pub use direction::{Direction, DirectionError};
+pub use direction::{Basis, Direction, DirectionError, Directions};
+pub use layer_kernel::{LayerKernel, Profile, Tent};
 pub use manifest::{FileRecord, Ledger, Report};
-pub use output::OutputTarget;
-pub use plan::{Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, plan};
-pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write};
+pub use output::{OutputTarget, TempDir};
+pub use plan::{
+    Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, WriteOp, exact_pattern, plan,
+    unknown_tensors,
+};
+pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write, write_directions};
 
 /// Everything that can go wrong in an edit. Messages are lowercase and name the thing.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,15 @@ pub enum Error {
     Layers { spec: String, problem: String },
     #[error("--exclude `{pattern}` is not a valid glob: {reason}")]
     Pattern { pattern: String, reason: String },
+    #[error(
+        "--keep-tie: config.json ties the LM head to the embedding, but `{name}` is stored too (transformers 4.57 \
+         ignores it; transformers 5 reads it where it differs from the embedding), so the edited embedding would \
+         be the head for some loaders and not for others; edit without --keep-tie (the head becomes the original \
+         embedding, untied)"
+    )]
+    KeepTieStoredHead { name: String },
+    #[error("{spec}: {problem}")]
+    Kernel { spec: String, problem: String },
     #[error("--scale {0} is not a finite number")]
     Scale(f64),
     #[error("output `{}` is the model directory itself; the input is never modified, so choose another -o", out.display())]

@@ -9,8 +9,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::Direction;
-use crate::plan::{Plan, Tie};
+use crate::plan::Plan;
+use crate::{Direction, Directions};
 
 /// One file of the input or the output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +34,14 @@ pub struct Ledger {
     pub shape: Vec<usize>,
     /// `r`, or the post-norm whose gain weights the direction.
     pub against: String,
+    /// The scale applied (`--scale` times the layer kernel's weight).
     pub scale: f64,
+    /// The layer kernel's weight.
+    pub weight: f64,
+    /// Vectors in the basis removed (1: one direction).
+    pub k: usize,
+    /// Norm-preserving edits: `max_q | ||w'_q|| / ||w_q|| − 1 |` over the columns, as stored.
+    pub norm_drift: Option<f64>,
     /// `|uᵀW|`: 2-norm of the projection of the original tensor.
     pub proj_before: f64,
     /// `|uᵀW'|` of the stored (rounded) edited tensor.
@@ -66,6 +73,9 @@ impl Ledger {
             "shape": self.shape,
             "against": self.against,
             "scale": self.scale,
+            "weight": self.weight,
+            "k": self.k,
+            "norm_drift": self.norm_drift,
             "proj_before": self.proj_before,
             "proj_after": self.proj_after,
             "ratio": self.ratio(),
@@ -98,30 +108,6 @@ impl Report {
     }
 }
 
-pub fn tie_note(tie: Tie) -> &'static str {
-    match tie {
-        Tie::NotTied => "the checkpoint stores its own lm_head; nothing to untie",
-        Tie::Untie => {
-            "untied: lm_head.weight is the original embedding and tie_word_embeddings is false, so the edited \
-             model equals directional ablation (method.md §6)"
-        }
-        Tie::KeepTie => {
-            "--keep-tie: the embedding is tied to the LM head, so the edit also changes the unembedding; the \
-             edited model is not equivalent to directional ablation (method.md §7)"
-        }
-        Tie::TiedUnedited => "tied embeddings left tied: the embedding is not edited",
-    }
-}
-
-fn tie_label(tie: Tie) -> &'static str {
-    match tie {
-        Tie::NotTied => "not_tied",
-        Tie::Untie => "untied",
-        Tie::KeepTie => "kept_tie",
-        Tie::TiedUnedited => "tied_unedited",
-    }
-}
-
 fn files(records: &[FileRecord]) -> Value {
     Value::Array(records.iter().map(|r| json!({"path": r.path, "sha256": r.sha256, "bytes": r.bytes})).collect())
 }
@@ -135,6 +121,8 @@ pub fn options_json(plan: &Plan) -> Value {
         "skip_embeddings": o.skip_embeddings,
         "exclude": o.exclude,
         "keep_tie": o.keep_tie,
+        "norm_preserving": o.norm_preserving,
+        "kernel": (!o.kernel.is_identity()).then(|| o.kernel.to_json()),
     })
 }
 
@@ -154,15 +142,17 @@ pub fn plan_json(plan: &Plan) -> Value {
             "bytes": e.bytes,
             "against": e.against.label(),
             "scale": e.scale,
+            "weight": e.weight,
         })).collect::<Vec<_>>(),
         "edited_bytes": plan.edit_bytes(),
         "added": plan.added.iter().map(|a| json!({
-            "name": a.name, "file": a.file, "copy_of": a.copy_of, "dtype": a.dtype.as_str(), "shape": a.shape, "bytes": a.bytes,
+            "name": a.name, "file": a.file, "copy_of": a.copy_of, "replaces_stored": a.replaces.is_some(),
+            "dtype": a.dtype.as_str(), "shape": a.shape, "bytes": a.bytes,
         })).collect::<Vec<_>>(),
         "excluded": plan.excluded.iter().map(|x| json!({"name": x.name, "file": x.file, "reason": x.reason.to_string()})).collect::<Vec<_>>(),
         "exclude_patterns": plan.patterns.iter().map(|p| json!({"pattern": p.pattern, "matched": p.matched})).collect::<Vec<_>>(),
-        "tie": tie_label(plan.tie),
-        "tie_note": tie_note(plan.tie),
+        "tie": plan.tie.label(),
+        "tie_note": plan.tie_note(),
         "unchanged_tensors": plan.unchanged,
         "unchanged_bytes": plan.unchanged_bytes,
     })
@@ -179,9 +169,26 @@ pub fn direction_json(direction: &Direction) -> Value {
     })
 }
 
+/// What the edit removed: the direction (as [`direction_json`]) for one vector; for a subspace or
+/// per-layer directions the file, its layout, `k` and every layer's basis size.
+pub fn directions_json(d: &Directions) -> Value {
+    if let Some(single) = &d.single {
+        return direction_json(single);
+    }
+    json!({
+        "file": d.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "sha256": d.sha256,
+        "layout": d.layout.label(),
+        "k": d.k(),
+        "dtype": d.dtype.as_str(),
+        "length": d.for_layer(None).d(),
+        "metadata": Value::Object(d.metadata.clone()),
+    })
+}
+
 pub(crate) struct ManifestParts<'a> {
     pub plan: &'a Plan,
-    pub direction: &'a Direction,
+    pub direction: &'a Directions,
     pub model: &'a str,
     pub ledger: &'a [Ledger],
     pub inputs: &'a [FileRecord],
@@ -196,12 +203,12 @@ pub(crate) fn build(p: ManifestParts<'_>) -> Value {
     let mut m = Map::new();
     m.insert("tool".into(), json!("abliterate"));
     m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-    m.insert("method".into(), json!("weight orthogonalization, method.md §6"));
+    m.insert("method".into(), json!("weight orthogonalization, docs/method.md §6"));
     m.insert("model".into(), json!(p.model));
-    m.insert("direction".into(), direction_json(p.direction));
+    m.insert("direction".into(), directions_json(p.direction));
     m.insert("options".into(), options_json(p.plan));
-    m.insert("tie".into(), json!(tie_label(p.plan.tie)));
-    m.insert("tie_note".into(), json!(tie_note(p.plan.tie)));
+    m.insert("tie".into(), json!(p.plan.tie.label()));
+    m.insert("tie_note".into(), json!(p.plan.tie_note()));
     m.insert(
         "projection_definition".into(),
         json!(

@@ -10,9 +10,12 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use checkpoint::{Checkpoint, Dtype, Family, Role, Site, TensorRef, Writer, WriterKind};
+use checkpoint::{Checkpoint, Dtype, Family, Head, Role, Site, TensorRef, Writer, WriterKind};
 
-use crate::{Direction, Error, Result};
+use direction::{Basis, Directions};
+
+use crate::layer_kernel::LayerKernel;
+use crate::{Error, Result};
 
 /// What the user asked for. `Default` is the paper's edit: every writer, scale 1, untie.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,11 +33,24 @@ pub struct Options {
     /// With tied embeddings, keep the tie (the edit then also changes the unembedding) instead of
     /// writing the original embedding as an untied `lm_head.weight` (method.md §6, tied embeddings).
     pub keep_tie: bool,
+    /// After removing the direction, restore the norm of every vector a writer adds to the residual
+    /// stream (every column of the writer view; docs/variants.md, norm-preserving edits).
+    pub norm_preserving: bool,
+    /// A weight per layer and writer kind, multiplying `scale` (docs/variants.md, layer kernels).
+    pub kernel: LayerKernel,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { scale: 1.0, layers: None, skip_embeddings: false, exclude: Vec::new(), keep_tie: false }
+        Options {
+            scale: 1.0,
+            layers: None,
+            skip_embeddings: false,
+            exclude: Vec::new(),
+            keep_tie: false,
+            norm_preserving: false,
+            kernel: LayerKernel::default(),
+        }
     }
 }
 
@@ -113,10 +129,11 @@ pub enum Against {
 }
 
 impl Against {
+    /// `r` or `s(NORM)` ([`checkpoint::roles::unit_label`]).
     pub fn label(&self) -> String {
         match self {
-            Against::Direction => "r".to_string(),
-            Against::GainWeighted { norm, .. } => format!("gain-weighted by `{norm}`"),
+            Against::Direction => checkpoint::roles::unit_label(None),
+            Against::GainWeighted { norm, .. } => checkpoint::roles::unit_label(Some(norm)),
         }
     }
 }
@@ -133,26 +150,28 @@ pub struct TensorEdit {
     pub shape: Vec<usize>,
     pub bytes: u64,
     pub against: Against,
+    /// The scale actually applied: `Options::scale` times [`TensorEdit::weight`].
     pub scale: f64,
+    /// The layer kernel's weight of this writer (1 without a kernel).
+    pub weight: f64,
 }
 
 impl TensorEdit {
-    /// `attn_out`, `mlp_down`, ... with `_bias` for biases.
+    /// `attn_out`, `mlp_down`, ... with `_bias` for biases ([`Writer::label`]).
     pub fn kind_label(&self) -> String {
-        writer_label(&self.writer)
+        self.writer.label()
     }
-}
-
-pub fn writer_label(w: &Writer) -> String {
-    if w.bias { format!("{}_bias", w.kind.label()) } else { w.kind.label().to_string() }
 }
 
 /// A tensor the edit adds: the untied LM head, a byte copy of the original embedding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Added {
     pub name: String,
-    /// Shard it is appended to (the one holding the embedding).
+    /// Shard it is appended to (the one holding the embedding), or that holds the tensor it replaces.
     pub file: String,
+    /// A stored tensor of the same name, dtype and shape whose bytes it takes the place of, at the
+    /// same offsets: an `lm_head.weight` that config.json's tie made loaders ignore.
+    pub replaces: Option<TensorRef>,
     /// The tensor whose original bytes it copies.
     pub copy_of: String,
     pub source: TensorRef,
@@ -169,6 +188,8 @@ pub enum ExcludeReason {
     Layers,
     /// The embedding, with `--skip-embeddings`.
     SkipEmbeddings,
+    /// The layer kernel gives this writer weight 0.
+    ZeroWeight,
 }
 
 impl fmt::Display for ExcludeReason {
@@ -177,6 +198,7 @@ impl fmt::Display for ExcludeReason {
             ExcludeReason::Pattern(p) => write!(f, "--exclude `{p}`"),
             ExcludeReason::Layers => f.write_str("--layers"),
             ExcludeReason::SkipEmbeddings => f.write_str("--skip-embeddings"),
+            ExcludeReason::ZeroWeight => f.write_str("layer kernel weight 0"),
         }
     }
 }
@@ -190,7 +212,7 @@ pub struct Excluded {
     pub reason: ExcludeReason,
 }
 
-/// What happens to tied embeddings.
+/// What happens to tied embeddings (the rule of what the head reads is [`Checkpoint::head`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tie {
     /// The checkpoint stores its own LM head (or the config unties it): nothing to do.
@@ -203,6 +225,18 @@ pub enum Tie {
     KeepTie,
     /// Tied, but the embedding is not edited: the tie stays and the head is unchanged.
     TiedUnedited,
+}
+
+impl Tie {
+    /// The one label of each case, in every JSON output (`inspect`, `edit --dry-run`, the manifest).
+    pub fn label(self) -> &'static str {
+        match self {
+            Tie::NotTied => "not_tied",
+            Tie::Untie => "untied",
+            Tie::KeepTie => "kept_tie",
+            Tie::TiedUnedited => "tied_unedited",
+        }
+    }
 }
 
 /// How often each `--exclude` glob matched.
@@ -224,6 +258,8 @@ pub struct Plan {
     /// Tensors deliberately left unedited, with why.
     pub excluded: Vec<Excluded>,
     pub patterns: Vec<PatternUse>,
+    /// What the input's LM head reads.
+    pub head: Head,
     pub tie: Tie,
     /// Tensors copied unchanged (everything not in `edits`), and their bytes.
     pub unchanged: usize,
@@ -236,9 +272,35 @@ impl Plan {
         self.edits.iter().map(|e| e.bytes).sum()
     }
 
-    /// Bytes of tensor data added.
+    /// Bytes of tensor data added (appended; a tensor that replaces a stored one adds none).
     pub fn added_bytes(&self) -> u64 {
-        self.added.iter().map(|a| a.bytes).sum()
+        self.added.iter().filter(|a| a.replaces.is_none()).map(|a| a.bytes).sum()
+    }
+
+    /// What the edit does about tied embeddings, in one sentence.
+    pub fn tie_note(&self) -> String {
+        match (self.tie, self.head) {
+            (Tie::NotTied, _) => "the checkpoint stores its own lm_head; nothing to untie".into(),
+            (Tie::Untie, Head::TiedIgnoringStored { identical: false }) => format!(
+                "untied: config.json tied the LM head to the embedding, so loaders (transformers 4.57, the \
+                 runtime) ignored the stored, different `{}`; it is replaced by the original embedding and \
+                 tie_word_embeddings is false, so the edited model equals directional ablation (docs/method.md §6)",
+                self.added.first().map_or("lm_head.weight", |a| a.name.as_str())
+            ),
+            (Tie::Untie, Head::TiedIgnoringStored { identical: true }) => {
+                "untied: the stored lm_head.weight is already a copy of the original embedding; it is kept and \
+                 tie_word_embeddings is false, so the edited model equals directional ablation (docs/method.md §6)"
+                    .into()
+            }
+            (Tie::Untie, _) => "untied: lm_head.weight is the original embedding and tie_word_embeddings is false, \
+                                so the edited model equals directional ablation (docs/method.md §6)"
+                .into(),
+            (Tie::KeepTie, _) => "--keep-tie: the embedding is tied to the LM head, so the edit also changes the \
+                                  unembedding; the edited model is not equivalent to directional ablation \
+                                  (docs/method.md §6)"
+                .into(),
+            (Tie::TiedUnedited, _) => "tied embeddings left tied: the embedding is not edited".into(),
+        }
     }
 
     /// Number of edited tensors per writer label, in a stable order.
@@ -249,41 +311,49 @@ impl Plan {
                 let n = self.edits.iter().filter(|e| e.writer.kind == kind && e.writer.bias == bias).count();
                 if n > 0 {
                     let w = Writer { kind, layer: None, expert: None, bias, model_axis: 0 };
-                    out.push((writer_label(&w), n));
+                    out.push((w.label(), n));
                 }
             }
         }
         out
     }
 
-    /// The unit vector of every edit, in `edits` order: `r̂` (one shared allocation), or for
-    /// Gemma 2/3 post-norm writers the layer's gain-weighted `ŝ`. Reads only the post-norm gains.
-    /// A gain-weighted direction that is exactly zero (`g ⊙ r̂ = 0`) is returned as zeros: the write
-    /// is already orthogonal and the kernel then leaves the tensor bit for bit unchanged.
-    pub fn units(&self, ckpt: &Checkpoint, direction: &Direction) -> Result<Vec<Arc<[f64]>>> {
+    /// The basis of every edit, in `edits` order: the one `directions` gives its layer (one shared
+    /// allocation per distinct basis), or for Gemma 2/3 post-norm writers the gain-weighted one. Reads
+    /// only the post-norm gains. A gain-weighted basis that vanishes (`g ⊙ v = 0` for every vector) is
+    /// one zero vector: the write is already orthogonal and the kernel leaves the tensor bit for bit
+    /// unchanged.
+    pub fn bases(&self, ckpt: &Checkpoint, directions: &Directions) -> Result<Vec<Arc<Basis>>> {
         let d = ckpt.config.hidden_size;
-        if direction.values.len() != d {
+        let n_layers = ckpt.config.num_hidden_layers;
+        if directions.for_layer(None).d() != d {
             return Err(Error::Direction(crate::DirectionError::Invalid {
-                path: direction.path.clone(),
+                path: directions.path.clone(),
                 problem: format!(
                     "`direction` has length {} but the model's hidden_size is {d}",
-                    direction.values.len()
+                    directions.for_layer(None).d()
                 ),
             }));
         }
-        let r_hat: Arc<[f64]> = direction.unit().into();
-        let mut gain_weighted: HashMap<(usize, usize), Arc<[f64]>> = HashMap::new();
+        if directions.layout == direction::Layout::PerLayer && directions.layers() != n_layers {
+            return Err(Error::Direction(crate::DirectionError::Invalid {
+                path: directions.path.clone(),
+                problem: format!("holds {} layers but the model has {n_layers}", directions.layers()),
+            }));
+        }
+        let mut gain_weighted: HashMap<(usize, usize, usize), Arc<Basis>> = HashMap::new();
         let mut out = Vec::with_capacity(self.edits.len());
         for e in &self.edits {
+            let basis = directions.for_layer(e.writer.layer);
             match &e.against {
-                Against::Direction => out.push(r_hat.clone()),
+                Against::Direction => out.push(basis.clone()),
                 Against::GainWeighted { norm_tensor, .. } => {
-                    let key = (norm_tensor.shard, norm_tensor.entry);
+                    let key = (norm_tensor.shard, norm_tensor.entry, Arc::as_ptr(basis) as usize);
                     if let Some(s) = gain_weighted.get(&key) {
                         out.push(s.clone());
                         continue;
                     }
-                    let s: Arc<[f64]> = gain_weighted_unit(ckpt, *norm_tensor, &r_hat)?.into();
+                    let s = Arc::new(gain_weighted_basis(ckpt, *norm_tensor, basis)?);
                     gain_weighted.insert(key, s.clone());
                     out.push(s);
                 }
@@ -293,29 +363,68 @@ impl Plan {
     }
 }
 
-/// `ŝ = (g ⊙ r̂)/||g ⊙ r̂||` with `g = 1 + w` in f64 from the exact stored gain (method.md §6).
-fn gain_weighted_unit(ckpt: &Checkpoint, norm: TensorRef, r_hat: &[f64]) -> Result<Vec<f64>> {
-    let t = ckpt.entry(norm);
-    let d = r_hat.len();
-    if t.shape != [d] || !t.dtype.is_float() {
-        return Err(ckpt
-            .tensor_error(
-                norm,
-                format!("a post-norm gain must be a float vector of hidden_size {d}, found {} {:?}", t.dtype, t.shape),
-            )
-            .into());
+/// One edited write as the hooks see it (docs/variants.md, "Hooks"): the residual-stream write of a layer's
+/// attention or MLP (`site`), or the embedding (`layer` None: the residual entering layer 0), with the basis
+/// and scale its tensors were edited with. What `verify` projects at that site to reproduce the edit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOp {
+    pub layer: Option<usize>,
+    /// None for the embedding.
+    pub site: Option<Site>,
+    pub basis: Arc<Basis>,
+    pub scale: f64,
+    /// Norm-preserving edits: exact as a hook only for the embedding (each token's row is one written
+    /// vector); for weights the hook of the same name is not the edit (docs/variants.md).
+    pub norm_preserving: bool,
+}
+
+impl Plan {
+    /// The edit's writes, one per (layer, site), in plan order, from `bases` ([`Plan::bases`]). Tensors of
+    /// one site (a weight and its bias, the experts of a layer) share a basis and a scale by construction.
+    pub fn write_ops(&self, bases: &[Arc<Basis>]) -> Vec<WriteOp> {
+        let mut out: Vec<WriteOp> = Vec::new();
+        for (e, b) in self.edits.iter().zip(bases) {
+            let (layer, site) = (e.writer.layer, e.writer.site());
+            if out.iter().any(|o| o.layer == layer && o.site == site) {
+                continue;
+            }
+            out.push(WriteOp {
+                layer,
+                site,
+                basis: b.clone(),
+                scale: e.scale,
+                norm_preserving: self.options.norm_preserving,
+            });
+        }
+        out
     }
-    let mut w = vec![0f64; d];
-    checkpoint::dtype::decode_f64(t.dtype, ckpt.bytes(norm), &mut w);
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(ckpt.tensor_error(norm, format!("post-norm gain is not finite at index {i}")).into());
+}
+
+/// The gain-weighted basis of a post-norm writer: an orthonormal basis of `{g ⊙ v_m}` (MGS2, in order;
+/// for one vector exactly `ŝ` below), dropping a vector the gain maps into the span of the others.
+fn gain_weighted_basis(ckpt: &Checkpoint, norm: TensorRef, basis: &Basis) -> Result<Basis> {
+    let d = basis.d();
+    if basis.k() == 1 {
+        // One vector: exactly ŝ as method.md §6 computes it (zeros where g ⊙ r̂ = 0).
+        return Ok(Basis::from_orthonormal(d, ckpt.gain_weighted_unit(norm, basis.vector(0))?));
     }
-    let s: Vec<f64> = w.iter().zip(r_hat).map(|(w, r)| (1.0 + w) * r).collect();
-    let n = s.iter().map(|v| v * v).sum::<f64>().sqrt();
-    if n == 0.0 {
-        return Ok(vec![0.0; d]);
+    let mut kept: Vec<Vec<f64>> = Vec::new();
+    for v in basis.vectors() {
+        let s = ckpt.gain_weighted_unit(norm, v)?;
+        if s.iter().all(|x| *x == 0.0) {
+            continue;
+        }
+        let mut candidate: Vec<&[f64]> = kept.iter().map(Vec::as_slice).collect();
+        candidate.push(&s);
+        if Basis::orthonormalize(&candidate).is_ok() {
+            kept.push(s);
+        }
     }
-    Ok(s.iter().map(|v| v / n).collect())
+    if kept.is_empty() {
+        return Ok(Basis::from_orthonormal(d, vec![0.0; d]));
+    }
+    let rows: Vec<&[f64]> = kept.iter().map(Vec::as_slice).collect();
+    Ok(Basis::orthonormalize(&rows).expect("the kept vectors were checked independent one by one"))
 }
 
 /// The LM head name that unties a given embedding name.
@@ -351,6 +460,22 @@ impl Excludes {
     }
 }
 
+/// The tensors [`plan`] would refuse as unknown: no role in the family, and no `--exclude` glob
+/// of `opts` matches them. In header order.
+pub fn unknown_tensors(ckpt: &Checkpoint, opts: &Options) -> Result<Vec<TensorRef>> {
+    let excludes = Excludes::new(&opts.exclude)?;
+    Ok(ckpt
+        .tensors()
+        .filter(|(r, t)| ckpt.role(*r) == Role::Unknown && excludes.matching(&t.name).is_none())
+        .map(|(r, _)| r)
+        .collect())
+}
+
+/// An `--exclude` pattern that matches exactly one tensor name (glob characters escaped).
+pub fn exact_pattern(name: &str) -> String {
+    globset::escape(name)
+}
+
 /// Decides what an edit of `ckpt` with `opts` rewrites, adds and leaves alone.
 ///
 /// Fails (naming the tensor) on an unknown tensor that no `--exclude` matches, a writer whose
@@ -358,6 +483,14 @@ impl Excludes {
 pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
     if !opts.scale.is_finite() {
         return Err(Error::Scale(opts.scale));
+    }
+    if let Some(crate::layer_kernel::Profile::Table(w)) = opts.kernel.attn.as_ref().or(opts.kernel.mlp.as_ref())
+        && w.len() != ckpt.config.num_hidden_layers
+    {
+        return Err(Error::Kernel {
+            spec: "layer kernel table".into(),
+            problem: format!("has {} weights but the model has {} layers", w.len(), ckpt.config.num_hidden_layers),
+        });
     }
     let n_layers = ckpt.config.num_hidden_layers;
     if let Some(ls) = &opts.layers
@@ -417,6 +550,8 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
             unchanged_bytes += t.nbytes() as u64;
             continue;
         };
+        let weight = opts.kernel.weight(w);
+        let reason = reason.or((weight == 0.0).then_some(ExcludeReason::ZeroWeight));
         if let Some(reason) = reason {
             excluded.push(Excluded { name: t.name.clone(), file, role: *role, reason });
             unchanged += 1;
@@ -429,7 +564,7 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
                     ckpt.tensor_error(
                         r,
                         format!(
-                            "{} writes through a post-norm, but layer {layer} has no `{}` (method.md §6)",
+                            "{} writes through a post-norm, but layer {layer} has no `{}` (docs/method.md §6)",
                             ckpt.config.family.name(),
                             match site {
                                 Site::Attn => "post_attention_layernorm.weight",
@@ -454,23 +589,52 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
             shape: t.shape.clone(),
             bytes: t.nbytes() as u64,
             against,
-            scale: opts.scale,
+            scale: opts.scale * weight,
+            weight,
         });
     }
 
-    let tie = match (ckpt.tied(), embedding_edited, opts.keep_tie) {
+    let head = ckpt.head();
+    let tie = match (head.tied(), embedding_edited, opts.keep_tie) {
         (false, _, _) => Tie::NotTied,
         (true, false, _) => Tie::TiedUnedited,
         (true, true, true) => Tie::KeepTie,
         (true, true, false) => Tie::Untie,
     };
+    let stored_head = ckpt.lm_head_name().and_then(|n| ckpt.get(n)).map(|(r, t)| (r, t.name.clone()));
+    if let (Tie::KeepTie, Head::TiedIgnoringStored { .. }, Some((_, name))) = (tie, head, &stored_head) {
+        return Err(Error::KeepTieStoredHead { name: name.clone() });
+    }
     let mut added = Vec::new();
-    if tie == Tie::Untie {
+    if tie == Tie::Untie && head != (Head::TiedIgnoringStored { identical: true }) {
         let (source, name) = embedding.expect("an edited embedding was seen");
         let t = ckpt.entry(source);
+        // A stored head that the tie made loaders ignore is replaced in place by the original
+        // embedding (so that every loader reads the same head); otherwise the head is appended.
+        let (head_name, file, replaces) = match &stored_head {
+            Some((r, head_name)) => {
+                let h = ckpt.entry(*r);
+                if h.dtype != t.dtype || h.shape != t.shape {
+                    return Err(ckpt
+                        .tensor_error(
+                            *r,
+                            format!(
+                                "config.json ties the LM head to the embedding, so this stored head is ignored; \
+                                 untying must replace it with the original embedding `{name}`, but it is {} {:?} \
+                                 and the embedding is {} {:?}",
+                                h.dtype, h.shape, t.dtype, t.shape
+                            ),
+                        )
+                        .into());
+                }
+                (head_name.clone(), ckpt.file_of(*r).to_string(), Some(*r))
+            }
+            None => (lm_head_name(&name), ckpt.file_of(source).to_string(), None),
+        };
         added.push(Added {
-            name: lm_head_name(&name),
-            file: ckpt.file_of(source).to_string(),
+            name: head_name,
+            file,
+            replaces,
             copy_of: name,
             source,
             dtype: t.dtype,
@@ -487,6 +651,7 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
         added,
         excluded,
         patterns,
+        head,
         tie,
         unchanged,
         unchanged_bytes,

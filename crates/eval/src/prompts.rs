@@ -413,9 +413,12 @@ mod tests {
     #[test]
     fn embedded_sets_are_valid_disjoint_and_categorised() {
         let mut seen = std::collections::HashMap::new();
-        for split in Split::ALL {
+        // Issue 11: at least 160 + 160 training, 40 + 40 validation and 100 + 100 evaluation prompts.
+        let sizes = [160, 160, 40, 40, 100, 100];
+        for (split, size) in Split::ALL.into_iter().zip(sizes) {
             let set = embedded(split);
-            assert!(!set.is_empty(), "{}", split.name());
+            assert!(set.len() >= size, "{} has {} prompts", split.name(), set.len());
+            assert_eq!(set.source, format!("embedded:{}", split.name()));
             for p in &set.prompts {
                 if let Some(other) = seen.insert(p.instruction.trim().to_lowercase(), split) {
                     panic!("{:?} is in both {} and {}", p.instruction, other.name(), split.name());

@@ -109,6 +109,9 @@ pub struct Arch {
     pub ropes: Vec<RopeSpec>,
     /// The LM head reads the embedding matrix.
     pub tied: bool,
+    /// The positions a sequence may have (`max_position_embeddings`, or the family's default):
+    /// generation refuses to size a KV cache beyond it.
+    pub context: usize,
 }
 
 impl Arch {
@@ -141,14 +144,8 @@ impl Arch {
         };
         let is_gemma = matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
 
-        // head_dim: transformers' family defaults where config.json has none (checkpoint::Config falls
-        // back to hidden/heads, which is right for every family except these).
-        let head_dim = match (opt_usize("head_dim")?, family) {
-            (Some(h), _) => h,
-            (None, Family::Gemma | Family::Gemma2 | Family::Gemma3) => 256,
-            (None, Family::Qwen3) => 128,
-            (None, _) => config.head_dim,
-        };
+        // One definition with `edit`'s shape checks: config.json's, or the family default.
+        let head_dim = config.head_dim;
         if !config.num_attention_heads.is_multiple_of(config.num_key_value_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -416,6 +413,7 @@ impl Arch {
             moe,
             ropes,
             tied,
+            context: max_pos,
         })
     }
 

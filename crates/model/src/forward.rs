@@ -12,6 +12,7 @@ use crate::arch::Arch;
 use crate::batch::{Batch, Segment};
 use crate::hooks::{Acts, At, Hook, Site};
 use crate::kernels::{self, AttnParams, KvView};
+use crate::load::{self, LoadOptions, WeightWidth, WeightsInfo};
 use crate::rope;
 use crate::weights::{Ffn, Layer, Linear, Mlp, MoeBlock, Weights};
 use crate::{ModelError, Result};
@@ -46,12 +47,13 @@ impl Forward {
     }
 }
 
-/// A model loaded for inference: its architecture, its f32 weights, and the checkpoint (memory-mapped;
-/// token embeddings are read from it row by row).
+/// A model loaded for inference: its architecture, its weights (f32 or at their stored width), and the
+/// checkpoint (memory-mapped; token embeddings are read from it row by row).
 pub struct Model {
     arch: Arch,
     w: Weights,
     ckpt: Checkpoint,
+    info: WeightsInfo,
 }
 
 /// Keys and values of one prompt, per layer, for up to `capacity` positions: keys transposed
@@ -87,6 +89,12 @@ impl RowCache {
         out.len = self.len;
         out
     }
+
+    /// The bytes [`RowCache::new`] allocates (saturating).
+    pub fn bytes(layers: usize, capacity: usize, kv_width: usize) -> u64 {
+        let capacity = capacity.div_ceil(crate::kernels::LANES) as u64 * crate::kernels::LANES as u64;
+        (layers as u64).saturating_mul(capacity).saturating_mul(kv_width as u64).saturating_mul(2 * 4)
+    }
 }
 
 /// Per-token facts shared by every layer of one pass.
@@ -119,18 +127,61 @@ fn resize(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 impl Model {
-    /// Opens a model directory and loads it.
+    /// Opens a model directory and loads it with [`LoadOptions::default`] (width chosen by the memory
+    /// available, no progress reports).
     pub fn open(dir: &Path) -> Result<Model> {
-        Model::load(Checkpoint::open(dir)?)
+        Model::open_with(dir, LoadOptions::default())
     }
 
-    /// Converts a checkpoint's weights to f32 (the embedding stays in the memory map).
+    /// Opens a model directory and loads it as `opts` say.
+    pub fn open_with(dir: &Path, opts: LoadOptions<'_>) -> Result<Model> {
+        Model::load_with(Checkpoint::open(dir)?, opts)
+    }
+
+    /// Loads an opened checkpoint with [`LoadOptions::default`].
     pub fn load(ckpt: Checkpoint) -> Result<Model> {
-        // transformers ties the head to the embedding whenever the config says so (a stored lm_head is
-        // then ignored); an untied config without lm_head.weight fails at load.
-        let arch = Arch::from_config(&ckpt.config, ckpt.config.tie_word_embeddings, &ckpt.dir.join("config.json"))?;
-        let w = Weights::load(&ckpt, &arch)?;
-        Ok(Model { arch, w, ckpt })
+        Model::load_with(ckpt, LoadOptions::default())
+    }
+
+    /// Loads an opened checkpoint: checks every tensor the forward pass needs against config.json (no
+    /// allocation is sized by config.json before that), chooses the width and checks the memory, then
+    /// packs the weights matrix by matrix, reporting progress.
+    pub fn load_with(ckpt: Checkpoint, opts: LoadOptions<'_>) -> Result<Model> {
+        let config_path = ckpt.dir.join("config.json");
+        // Every layer has tensors of its own, so more layers than tensors is a config error (and Arch
+        // allocates per layer).
+        let tensors = ckpt.tensors().count();
+        if ckpt.config.num_hidden_layers > tensors {
+            return Err(ModelError::Config {
+                path: config_path,
+                problem: format!(
+                    "`num_hidden_layers` is {}, but the checkpoint holds only {tensors} tensors",
+                    ckpt.config.num_hidden_layers
+                ),
+            });
+        }
+        // The one tie rule (`Checkpoint::head`, shared with `edit`); an untied config without
+        // lm_head.weight fails at load.
+        let arch = Arch::from_config(&ckpt.config, ckpt.tied(), &config_path)?;
+        let plan = Weights::plan(&ckpt, &arch)?;
+        let available = opts.available_memory.or_else(load::available_memory);
+        let width = load::choose(opts.weights, plan.f32, plan.stored, available)?;
+        let loaded = Weights::load(&ckpt, &arch, width, plan.read, opts.progress)?;
+        let info = WeightsInfo {
+            requested: opts.weights,
+            width,
+            dtypes: loaded.held.iter().map(|h| h.name()).collect(),
+            bytes: if width == WeightWidth::F32 { plan.f32 } else { plan.stored },
+            f32_bytes: plan.f32,
+            stored_bytes: plan.stored,
+            available,
+        };
+        Ok(Model { arch, w: loaded.weights, ckpt, info })
+    }
+
+    /// What the weights are held as, how much memory they take, and why that width.
+    pub fn weights_info(&self) -> &WeightsInfo {
+        &self.info
     }
 
     pub fn arch(&self) -> &Arch {

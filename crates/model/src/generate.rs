@@ -62,8 +62,35 @@ impl Model {
             return Ok(out);
         }
         let kv = arch.kv_width();
-        let mut cache: Vec<RowCache> =
-            batch.segments().iter().map(|s| RowCache::new(arch.layers, s.len + opts.max_new_tokens, kv)).collect();
+        // Each cache holds the prompt and every new token but the last (which is never fed back).
+        let mut positions = Vec::with_capacity(batch.len());
+        for s in batch.segments() {
+            let n = s.len.checked_add(opts.max_new_tokens - 1).filter(|&n| n <= arch.context).ok_or_else(|| {
+                ModelError::Batch(format!(
+                    "prompt {} has {} tokens; with {} new tokens that is more than the model's context of {} \
+                     positions (max_position_embeddings)",
+                    s.row, s.len, opts.max_new_tokens, arch.context
+                ))
+            })?;
+            positions.push(n);
+        }
+        let cache_bytes =
+            positions.iter().map(|&n| RowCache::bytes(arch.layers, n, kv)).fold(0u64, |a, b| a.saturating_add(b));
+        if let Some(available) = crate::load::available_memory()
+            && cache_bytes > available
+        {
+            return Err(ModelError::Memory {
+                what: format!(
+                    "the KV cache of {} prompts x up to {} positions",
+                    batch.len(),
+                    positions.iter().max().unwrap_or(&0)
+                ),
+                need: cache_bytes,
+                available,
+                hint: String::new(),
+            });
+        }
+        let mut cache: Vec<RowCache> = positions.iter().map(|&n| RowCache::new(arch.layers, n, kv)).collect();
 
         let mut x = self.embed(batch)?;
         self.run(&mut x, batch, 0, Some(&mut cache), hook)?;

@@ -84,28 +84,110 @@ macro_rules! variants {
 /// never repacks the weights, and one panel (`inp * PANEL` floats) stays in cache while every row of `x`
 /// passes over it. Measured on this machine with weights streamed from memory: 200 GFLOP/s at 32 rows,
 /// where one `gemm` call on `[inp, out]` reaches 113 and on `[out, inp]` about 50 (it repacks every call).
+///
+/// The values are held as f32 or at their stored width (bf16, f16: [`Store`]). A narrow panel is widened
+/// (exactly) into a per-thread f32 buffer just before its `gemm` call, which then runs exactly as on an f32
+/// panel: a product gives the same bits whichever width the weights are held at.
 pub struct Panels {
-    data: Vec<f32>,
+    store: Store,
     inp: usize,
     out: usize,
 }
 
+/// How a matrix's values are held in memory.
+enum Store {
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
+    /// IEEE half-precision bit patterns.
+    F16(Vec<u16>),
+}
+
+/// The element types a matrix can be held in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Held {
+    pub fn name(self) -> &'static str {
+        match self {
+            Held::F32 => "f32",
+            Held::Bf16 => "bf16",
+            Held::F16 => "f16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Held::F32 => 4,
+            Held::Bf16 | Held::F16 => 2,
+        }
+    }
+}
+
+/// One block of rows of a matrix to pack: its stored little-endian bytes (`rows * inp` elements).
+#[derive(Clone, Copy)]
+pub struct RowBlock<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: checkpoint::Dtype,
+    pub rows: usize,
+}
+
+/// Inner-dimension rows of a panel per `gemm` call (`[K_CHUNK, PANEL]` f32 is 512 KiB, so a widened chunk
+/// stays in L2). Every model up to 2048 wide runs one call per panel; wider ones accumulate chunks in
+/// order, at f32 and at stored width alike (so both widths still give the same bits).
+const K_CHUNK: usize = 2048;
+
+/// Input columns copied per step while packing: a `[PACK_COLS, PANEL]` block of the output stays in L1.
+const PACK_COLS: usize = 256;
+
 impl Panels {
     /// From a row-major `[out, inp]` matrix (transformers' layout).
+    #[cfg(test)]
     pub fn from_rows(w: &[f32], out: usize, inp: usize) -> Panels {
         assert_eq!(w.len(), out * inp, "weight size (caller invariant)");
-        let panels = out.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * inp * PANEL];
-        if inp == 0 {
-            return Panels { data, inp, out };
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Panels::pack(&[RowBlock { bytes: &bytes, dtype: checkpoint::Dtype::F32, rows: out }], inp, Held::F32)
+    }
+
+    /// The number of elements a packed `[out, inp]` matrix holds (output columns padded to whole panels).
+    pub fn padded_len(out: usize, inp: usize) -> Option<usize> {
+        out.div_ceil(PANEL).checked_mul(PANEL)?.checked_mul(inp)
+    }
+
+    /// Packs the rows of `blocks` (stacked in order: `[block 0 rows; block 1 rows; ...]`) into panels held
+    /// as `held`. `Held::F32` decodes any float dtype exactly (f64 rounds); `Held::Bf16`/`F16` copy bit
+    /// patterns and need every block in that dtype. Panels are packed in parallel, straight from the
+    /// stored bytes: no other copy of the matrix is made.
+    pub fn pack(blocks: &[RowBlock<'_>], inp: usize, held: Held) -> Panels {
+        let out: usize = blocks.iter().map(|b| b.rows).sum();
+        for b in blocks {
+            let size = b.dtype.float_size().expect("pack needs float tensors (caller invariant)");
+            assert_eq!(b.bytes.len(), b.rows * inp * size, "block size (caller invariant)");
+            let same = matches!(
+                (held, b.dtype),
+                (Held::F32, _) | (Held::Bf16, checkpoint::Dtype::BF16) | (Held::F16, checkpoint::Dtype::F16)
+            );
+            assert!(same, "a {held:?} matrix packs {held:?} tensors only (caller invariant)");
         }
-        for (j, row) in w.chunks_exact(inp).enumerate() {
-            let panel = &mut data[(j / PANEL) * inp * PANEL..][..inp * PANEL];
-            for (i, v) in row.iter().enumerate() {
-                panel[i * PANEL + j % PANEL] = *v;
+        let len = Panels::padded_len(out, inp).expect("the caller checked the matrix fits in memory");
+        let store = match held {
+            Held::F32 => Store::F32(pack_values(blocks, inp, len, |b, bytes, out: &mut [f32]| {
+                checkpoint::dtype::decode_f32(b.dtype, bytes, out)
+            })),
+            Held::Bf16 | Held::F16 => {
+                let data = pack_values(blocks, inp, len, |_, bytes, out: &mut [u16]| {
+                    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = u16::from_le_bytes([c[0], c[1]]);
+                    }
+                });
+                if held == Held::Bf16 { Store::Bf16(data) } else { Store::F16(data) }
             }
-        }
-        Panels { data, inp, out }
+        };
+        Panels { store, inp, out }
     }
 
     pub fn out(&self) -> usize {
@@ -113,7 +195,8 @@ impl Panels {
     }
 
     /// `y[m, out] = x[m, inp] · Wᵀ`. Panels run in parallel, each as one single-threaded `gemm` call, so
-    /// every output value is computed the same way whatever the thread count.
+    /// every output value is computed the same way whatever the thread count and the width the weights
+    /// are held at.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         let (k, n) = (self.inp, self.out);
         assert!(x.len() >= m * k && y.len() >= m * n, "matmul operand sizes (caller invariant)");
@@ -125,36 +208,132 @@ impl Panels {
             return;
         }
         let dst = SendPtr(y.as_mut_ptr());
-        self.data.par_chunks(k * PANEL).enumerate().for_each(|(p, panel)| {
-            let width = PANEL.min(n - p * PANEL);
-            let dst = &dst;
-            // SAFETY: task `p` writes only columns p*PANEL .. p*PANEL+width of the m rows of `y` (row
-            // stride n), disjoint from every other task and inside `y` (asserted above); it reads `x`
-            // (m×k, row stride k) and its own panel (k×PANEL, row stride PANEL, first `width` columns).
-            unsafe {
-                gemm::gemm(
-                    m,
-                    width,
-                    k,
-                    dst.0.add(p * PANEL),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    panel.as_ptr(),
-                    1,
-                    PANEL as isize,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+        let dst = &dst;
+        match &self.store {
+            Store::F32(data) => data.par_chunks(k * PANEL).enumerate().for_each(|(p, panel)| {
+                for c0 in (0..k).step_by(K_CHUNK) {
+                    let kc = K_CHUNK.min(k - c0);
+                    // SAFETY: see `panel_product`; the chunk has kc * PANEL values.
+                    unsafe { panel_product(x, m, k, n, p, c0, &panel[c0 * PANEL..(c0 + kc) * PANEL], dst) }
+                }
+            }),
+            Store::Bf16(data) | Store::F16(data) => {
+                let simd = Simd::detect();
+                let bf16 = matches!(self.store, Store::Bf16(_));
+                data.par_chunks(k * PANEL).enumerate().for_each(|(p, panel)| {
+                    WIDE.with_borrow_mut(|wide| {
+                        for c0 in (0..k).step_by(K_CHUNK) {
+                            let kc = K_CHUNK.min(k - c0);
+                            let (src, wide) = (&panel[c0 * PANEL..(c0 + kc) * PANEL], resize_wide(wide, kc * PANEL));
+                            if bf16 {
+                                dispatch!(simd, widen_bf16, widen_bf16_avx512, widen_bf16_avx2, (src, wide));
+                            } else {
+                                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                                // Exact; F16C instructions where the CPU has them.
+                                src.reinterpret_cast::<half::f16>().convert_to_f32_slice(wide);
+                            }
+                            // SAFETY: see `panel_product`; `wide` has kc * PANEL values.
+                            unsafe { panel_product(x, m, k, n, p, c0, wide, dst) }
+                        }
+                    })
+                });
             }
-        });
+        }
+    }
+}
+
+/// Packs the stacked rows of `blocks` into `len` values of panels (see [`Panels`]): panels in parallel,
+/// each filled [`PACK_COLS`] input columns at a time (`decode` turns a run of stored bytes into values).
+fn pack_values<T: Copy + Default + Send>(
+    blocks: &[RowBlock<'_>],
+    inp: usize,
+    len: usize,
+    decode: impl Fn(&RowBlock<'_>, &[u8], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut data = vec![T::default(); len];
+    if inp == 0 {
+        return data;
+    }
+    // The block and row within it of every stacked row.
+    let rows: Vec<(usize, usize)> =
+        blocks.iter().enumerate().flat_map(|(bi, b)| (0..b.rows).map(move |r| (bi, r))).collect();
+    data.par_chunks_mut(inp * PANEL).enumerate().for_each(|(p, panel)| {
+        let mine = &rows[p * PANEL..rows.len().min((p + 1) * PANEL)];
+        let mut run = [T::default(); PACK_COLS];
+        for c0 in (0..inp).step_by(PACK_COLS) {
+            let c1 = (c0 + PACK_COLS).min(inp);
+            let run = &mut run[..c1 - c0];
+            for (j, &(bi, r)) in mine.iter().enumerate() {
+                let b = &blocks[bi];
+                let size = b.dtype.float_size().expect("pack checked float dtypes");
+                decode(b, &b.bytes[(r * inp + c0) * size..(r * inp + c1) * size], run);
+                for (c, v) in run.iter().enumerate() {
+                    panel[(c0 + c) * PANEL + j] = *v;
+                }
+            }
+        }
+    });
+    data
+}
+
+thread_local! {
+    /// Each thread's f32 copy of the narrow panel it is multiplying by.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn resize_wide(wide: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if wide.len() < n {
+        wide.resize(n, 0.0);
+    }
+    &mut wide[..n]
+}
+
+/// bf16 → f32 (exact: the bf16 bits are the f32's upper half).
+#[inline(always)]
+fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((*s as u32) << 16);
+    }
+}
+variants!(widen_bf16, widen_bf16_avx512, widen_bf16_avx2, (src: &[u16], dst: &mut [f32]));
+
+/// Adds `x[:, c0..c0+kc] · chunk` to columns `p*PANEL ..` of `y` (assigns it for the first chunk,
+/// `c0 == 0`): one single-threaded `gemm` call on rows `c0..c0+kc` of panel `p`.
+///
+/// # Safety
+/// `chunk` holds `kc * PANEL` values with `c0 + kc <= k`; `x` holds `m * k` and `dst` points to `m * n`
+/// values (row stride `n`). Each panel index writes only its own columns, so tasks for different `p` may
+/// run at once; the chunks of one panel run in order.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(x: &[f32], m: usize, k: usize, n: usize, p: usize, c0: usize, chunk: &[f32], dst: &SendPtr) {
+    let width = PANEL.min(n - p * PANEL);
+    let kc = chunk.len() / PANEL;
+    debug_assert!(c0 + kc <= k && x.len() >= m * k);
+    // SAFETY: task `p` writes only columns p*PANEL .. p*PANEL+width of the m rows of `y` (row stride n),
+    // disjoint from every other task and inside `y`; it reads columns c0..c0+kc of `x` (m×k, row stride
+    // k) and its own chunk (kc×PANEL, row stride PANEL, first `width` columns).
+    unsafe {
+        gemm::gemm(
+            m,
+            width,
+            kc,
+            dst.0.add(p * PANEL),
+            1,
+            n as isize,
+            c0 > 0,
+            x.as_ptr().add(c0),
+            1,
+            k as isize,
+            chunk.as_ptr(),
+            1,
+            PANEL as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -521,6 +700,40 @@ mod tests {
             assert!(diff < 1e-4, "({m}, {k}, {n}): {diff}");
             assert_eq!(run(2), one, "({m}, {k}, {n}): 2 threads");
             assert_eq!(run(3), one, "({m}, {k}, {n}): 3 threads");
+        }
+    }
+
+    /// Matrices held as bf16 or f16 give the same bits as the same values held as f32, also past one
+    /// `K_CHUNK` of inner dimension, stacked from blocks of different dtypes, and match a naive product.
+    #[test]
+    fn narrow_panels_give_the_same_bits_as_f32_panels() {
+        use checkpoint::Dtype;
+        fn block(bytes: &[u8], dtype: Dtype, rows: usize) -> RowBlock<'_> {
+            RowBlock { bytes, dtype, rows }
+        }
+        for (m, k, n) in [(1, 70, 3), (5, 2 * K_CHUNK + 100, 130), (40, 300, 64)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            // Values exact in both bf16 and f16: small integers over 256.
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729) % 255) as f32 / 256.0 - 0.5).collect();
+            let bf16: Vec<u8> = w.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+            let f16: Vec<u8> = w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect();
+            let f32s: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let product = |p: Panels| {
+                let mut y = vec![f32::NAN; m * n];
+                p.matmul(&x, m, &mut y);
+                y
+            };
+            let want = product(Panels::pack(&[block(&f32s, Dtype::F32, n)], k, Held::F32));
+            let diff = want.iter().zip(naive(&x, m, k, &w, n)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "({m}, {k}, {n}): {diff}");
+            assert_eq!(product(Panels::pack(&[block(&bf16, Dtype::BF16, n)], k, Held::Bf16)), want, "bf16");
+            assert_eq!(product(Panels::pack(&[block(&f16, Dtype::F16, n)], k, Held::F16)), want, "f16");
+            assert_eq!(product(Panels::pack(&[block(&bf16, Dtype::BF16, n)], k, Held::F32)), want, "bf16 as f32");
+            // Two blocks stacked (as q/k/v are), one stored as f16 and one as f32.
+            let split = n / 2;
+            let (a, b) = (&f16[..split * k * 2], &f32s[split * k * 4..]);
+            let stacked = [block(a, Dtype::F16, split), block(b, Dtype::F32, n - split)];
+            assert_eq!(product(Panels::pack(&stacked, k, Held::F32)), want, "stacked");
         }
     }
 

@@ -1,8 +1,13 @@
-//! The runtime `find` and `verify` run on: the forward pass of every supported family in f32 on the CPU,
-//! with hook sites on the residual stream, and greedy generation with a KV cache.
+//! The runtime `find` and `verify` run on: the forward pass of every supported family on the CPU, in f32
+//! arithmetic, with hook sites on the residual stream, and greedy generation with a KV cache.
 //!
-//! - [`Model::load`] converts a validated [`checkpoint::Checkpoint`] (any stored float dtype) to f32 once
-//!   (the token embedding stays in the memory map and is decoded row by row).
+//! - [`Model::open_with`] / [`Model::load_with`] load a validated [`checkpoint::Checkpoint`] as
+//!   [`LoadOptions`] say: weights held at f32 or at their stored width ([`WeightWidth`]: bf16 and f16 stay
+//!   2 bytes per parameter and widen exactly to f32 inside each matrix product, so both widths give the
+//!   same bits), a memory check before anything large is allocated ([`ModelError::Memory`]), and a
+//!   progress callback. Every tensor is checked against config.json before any allocation it sizes.
+//!   [`Model::open`] / [`Model::load`] use the defaults ([`WeightWidth::Auto`]: f32 when it fits in half
+//!   the available memory). The token embedding stays in the memory map and is decoded row by row.
 //! - [`Batch`] holds prompts of different lengths *packed*, without padding: dense work (projections,
 //!   norms, MLPs) runs on the real tokens only, attention runs per prompt, and position ids count real
 //!   tokens, so a prompt's outputs do not depend on what it is batched with (up to matmul rounding).
@@ -16,9 +21,13 @@
 //! - [`Model::generate`] decodes greedily, batched, stopping at end-of-turn ids, with hooks active.
 //!
 //! ```no_run
-//! use model::{At, Batch, Capture, Chain, GenerateOptions, Interventions, Logits, Model, NoHook, Positions, Site};
+//! use model::{At, Batch, Capture, Chain, GenerateOptions, Interventions, LoadOptions, Logits, Model, NoHook};
+//! use model::{Positions, Site, WeightWidth};
 //! # fn main() -> model::Result<()> {
-//! let m = Model::open(std::path::Path::new("models/smollm2"))?;
+//! let mut shown = |done: u64, total: u64| eprint!("\rloading {}%", 100 * done / total.max(1));
+//! let opts = LoadOptions { weights: WeightWidth::Stored, progress: Some(&mut shown), ..Default::default() };
+//! let m = Model::open_with(std::path::Path::new("models/smollm2"), opts)?;
+//! eprintln!("\nweights: {}", m.weights_info().describe()); // "bf16 (stored width), 0.2 GB"
 //! let (layers, d) = (m.arch().layers, m.arch().hidden);
 //! let batch = Batch::new(&[vec![1, 9690, 198], vec![1, 504]])?;
 //! // The residual entering every layer at each prompt's last 2 positions, under directional ablation.
@@ -43,6 +52,7 @@ mod forward;
 mod generate;
 mod hooks;
 mod kernels;
+mod load;
 mod prefix;
 mod rope;
 mod weights;
@@ -52,6 +62,7 @@ pub use batch::{Batch, Segment};
 pub use forward::{Forward, Logits, Model};
 pub use generate::{Finish, GenerateOptions, Generation};
 pub use hooks::{Acts, At, Capture, Chain, Hook, Interventions, NoHook, Positions, Site};
+pub use load::{LoadOptions, WORKING_MARGIN, WeightWidth, WeightsInfo, available_memory};
 pub use prefix::Prefix;
 pub use rope::RopeSpec;
 
@@ -74,6 +85,12 @@ pub enum ModelError {
     Unsupported { what: String },
     #[error("token id {token} (prompt {row}, position {position}) is outside the vocabulary of {vocab} ids")]
     Token { row: usize, position: usize, token: u32, vocab: usize },
+    #[error(
+        "{what} need {:.1} GB of memory, but {:.1} GB are available{hint}",
+        *need as f64 / 1e9,
+        *available as f64 / 1e9
+    )]
+    Memory { what: String, need: u64, available: u64, hint: String },
     #[error("{0}")]
     Batch(String),
     #[error("{0}")]

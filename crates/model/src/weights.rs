@@ -8,7 +8,8 @@
 use checkpoint::{Checkpoint, Dtype, Family, TensorRef, dtype};
 
 use crate::arch::{Arch, NormKind};
-use crate::kernels::Panels;
+use crate::kernels::{Held, Panels, RowBlock};
+use crate::load::WeightWidth;
 use crate::{ModelError, Result};
 
 /// A linear layer `y = x Wᵀ + b` (transformers stores `W` as `[out, inp]`; we store it panel-major).
@@ -67,13 +68,39 @@ pub struct Weights {
 /// Prefixes a text model's tensors live under (plain causal LMs, then multimodal Gemma 3 layouts).
 const PREFIXES: [&str; 3] = ["model.", "model.language_model.", "language_model.model."];
 
-struct Loader<'a> {
+/// What loading holds or would hold, in bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tally {
+    /// Stored bytes of the tensors read (progress counts these).
+    pub read: u64,
+    /// Held at f32 width.
+    pub f32: u64,
+    /// Held at stored width.
+    pub stored: u64,
+}
+
+/// Reads the tensors the forward pass needs. In a *plan* (`width: None`) it only checks them (names,
+/// shapes against config.json, dtypes) and counts bytes, allocating nothing in proportion to config.json;
+/// then the real load packs each matrix straight from the memory map and releases its mapped pages.
+struct Loader<'a, 'p> {
     ckpt: &'a Checkpoint,
     prefix: &'static str,
     family: Family,
+    /// The width to hold matrices at; `None` for a plan.
+    width: Option<WeightWidth>,
+    tally: Tally,
+    /// The plan's total of `read`, for progress.
+    total: u64,
+    progress: Option<&'p mut dyn FnMut(u64, u64)>,
+    dtypes: Vec<Held>,
 }
 
-impl Loader<'_> {
+/// `a * b` for sizes from config.json, an error naming them if it overflows.
+fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| ModelError::Unsupported { what: format!("{what} ({a} x {b}, too large)") })
+}
+
+impl Loader<'_, '_> {
     fn full(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
@@ -82,8 +109,8 @@ impl Loader<'_> {
         self.ckpt.get(&self.full(name)).is_some()
     }
 
-    /// Decodes `name` (shape `shape`) into `out`.
-    fn read_into(&self, full: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
+    /// The tensor `full`, checked to have `shape` and a float dtype.
+    fn tensor(&self, full: &str, shape: &[usize]) -> Result<(TensorRef, Dtype)> {
         let (r, t) = self.ckpt.get(full).ok_or_else(|| ModelError::MissingTensor {
             name: full.to_string(),
             why: format!("the {} forward pass needs it", self.family.name()),
@@ -94,20 +121,43 @@ impl Loader<'_> {
         if !t.dtype.is_float() {
             return Err(ModelError::Dtype { name: full.to_string(), dtype: t.dtype.to_string() });
         }
-        debug_assert_eq!(out.len(), t.numel());
-        dtype::decode_f32(t.dtype, self.ckpt.bytes(r), out);
-        Ok(())
+        Ok((r, t.dtype))
     }
 
-    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; shape.iter().product()];
-        self.read_into(&self.full(name), shape, &mut out)?;
+    fn advance(&mut self, bytes: u64) {
+        self.tally.read += bytes;
+        if self.width.is_some()
+            && let Some(p) = self.progress.as_mut()
+        {
+            p(self.tally.read, self.total);
+        }
+    }
+
+    /// A small f32 vector (norm gain or bias) of `n` values.
+    fn vector(&mut self, full: &str, n: usize) -> Result<Vec<f32>> {
+        let (r, dtype) = self.tensor(full, &[n])?;
+        let bytes = self.ckpt.bytes(r);
+        self.tally.f32 += 4 * n as u64;
+        self.tally.stored += 4 * n as u64;
+        let out = if self.width.is_some() {
+            let mut out = vec![0f32; n];
+            dtype::decode_f32(dtype, bytes, &mut out);
+            out
+        } else {
+            Vec::new()
+        };
+        self.advance(bytes.len() as u64);
         Ok(out)
     }
 
+    fn read(&mut self, name: &str, n: usize) -> Result<Vec<f32>> {
+        let full = self.full(name);
+        self.vector(&full, n)
+    }
+
     /// A norm gain, as the forward pass multiplies it (`1 + w` for Gemma).
-    fn norm(&self, name: &str, d: usize, kind: NormKind) -> Result<Vec<f32>> {
-        let mut w = self.read(name, &[d])?;
+    fn norm(&mut self, name: &str, d: usize, kind: NormKind) -> Result<Vec<f32>> {
+        let mut w = self.read(name, d)?;
         if kind == NormKind::OnePlus {
             for v in &mut w {
                 *v += 1.0;
@@ -116,69 +166,135 @@ impl Loader<'_> {
         Ok(w)
     }
 
-    /// Stacks several `[rows_i, inp]` matrices (and optional biases) into one `Linear` (output columns
-    /// in the order given).
-    fn stacked(&self, parts: &[(&str, usize)], inp: usize, bias: bool) -> Result<Linear> {
-        let out: usize = parts.iter().map(|p| p.1).sum();
-        let mut w = vec![0f32; out * inp];
-        let mut b = bias.then(|| vec![0f32; out]);
-        let mut row = 0;
-        for (name, rows) in parts {
-            let full = self.full(&format!("{name}.weight"));
-            self.read_into(&full, &[*rows, inp], &mut w[row * inp..(row + rows) * inp])?;
-            if let Some(b) = &mut b {
-                self.read_into(&self.full(&format!("{name}.bias")), &[*rows], &mut b[row..row + rows])?;
-            }
-            row += rows;
+    /// A matrix stacked from full tensor names, each `[rows_i, inp]`, packed into panels.
+    fn matrix(&mut self, parts: &[(String, usize)], inp: usize) -> Result<Panels> {
+        let mut found = Vec::with_capacity(parts.len());
+        for (full, rows) in parts {
+            found.push(self.tensor(full, &[*rows, inp])?);
         }
-        Ok(Linear { w: Panels::from_rows(&w, out, inp), bias: b })
+        let out = parts.iter().try_fold(0usize, |a, p| a.checked_add(p.1));
+        let padded = out
+            .and_then(|o| Panels::padded_len(o, inp))
+            .ok_or_else(|| ModelError::Unsupported { what: format!("a matrix of {} (too large)", parts[0].0) })?
+            as u64;
+        // Stored width keeps bf16 and f16 when every part has that dtype; anything else is held as f32.
+        let narrow = match found.first().map(|f| f.1) {
+            Some(Dtype::BF16) if found.iter().all(|f| f.1 == Dtype::BF16) => Held::Bf16,
+            Some(Dtype::F16) if found.iter().all(|f| f.1 == Dtype::F16) => Held::F16,
+            _ => Held::F32,
+        };
+        self.tally.f32 += 4 * padded;
+        self.tally.stored += narrow.size() as u64 * padded;
+        let read: u64 = found.iter().map(|(r, _)| self.ckpt.bytes(*r).len() as u64).sum();
+        let Some(width) = self.width else {
+            self.advance(read);
+            return Ok(Panels::pack(&[], 0, Held::F32));
+        };
+        let held = if width == WeightWidth::F32 { Held::F32 } else { narrow };
+        if !self.dtypes.contains(&held) {
+            self.dtypes.push(held);
+        }
+        let blocks: Vec<RowBlock<'_>> = found
+            .iter()
+            .zip(parts)
+            .map(|((r, dtype), (_, rows))| RowBlock { bytes: self.ckpt.bytes(*r), dtype: *dtype, rows: *rows })
+            .collect();
+        let panels = Panels::pack(&blocks, inp, held);
+        // Only the packed copy stays resident (the embedding is read again row by row when used).
+        for (r, _) in &found {
+            self.ckpt.release(*r);
+        }
+        self.advance(read);
+        Ok(panels)
     }
 
-    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    /// Stacks several `[rows_i, inp]` matrices (and optional biases) into one `Linear` (output columns
+    /// in the order given).
+    fn stacked(&mut self, parts: &[(&str, usize)], inp: usize, bias: bool) -> Result<Linear> {
+        let weights: Vec<(String, usize)> =
+            parts.iter().map(|(n, r)| (self.full(&format!("{n}.weight")), *r)).collect();
+        let w = self.matrix(&weights, inp)?;
+        let bias = if bias {
+            let mut b = Vec::new();
+            for (name, rows) in parts {
+                b.extend(self.read(&format!("{name}.bias"), *rows)?);
+            }
+            Some(b)
+        } else {
+            None
+        };
+        Ok(Linear { w, bias })
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         self.stacked(&[(name, out)], inp, bias)
     }
 
     /// A gated MLP stored as separate gate/up/down projections.
-    fn mlp(&self, gate: &str, up: &str, down: &str, d: usize, ff: usize, bias: bool) -> Result<Mlp> {
+    fn mlp(&mut self, gate: &str, up: &str, down: &str, d: usize, ff: usize, bias: bool) -> Result<Mlp> {
         Ok(Mlp { gate_up: self.stacked(&[(gate, ff), (up, ff)], d, bias)?, down: self.linear(down, d, ff, bias)?, ff })
     }
 }
 
+/// What [`Weights::load`] held.
+pub struct Loaded {
+    pub weights: Weights,
+    pub held: Vec<Held>,
+}
+
 impl Weights {
-    pub fn load(ckpt: &Checkpoint, arch: &Arch) -> Result<Weights> {
-        let prefix =
-            PREFIXES.iter().find(|p| ckpt.get(&format!("{p}embed_tokens.weight")).is_some()).ok_or_else(|| {
-                ModelError::MissingTensor {
-                    name: "model.embed_tokens.weight".into(),
-                    why: "every supported family has a token embedding".into(),
-                }
-            })?;
-        let ld = Loader { ckpt, prefix, family: arch.family };
+    /// Checks every tensor the forward pass needs against config.json and counts what loading would
+    /// hold at each width, without allocating in proportion to either.
+    pub fn plan(ckpt: &Checkpoint, arch: &Arch) -> Result<Tally> {
+        let mut ld = Loader::new(ckpt, arch, None, None)?;
+        Weights::run(&mut ld, arch)?;
+        Ok(ld.tally)
+    }
+
+    /// Loads the weights at `width` (F32 or Stored), reporting progress over `total` bytes read.
+    pub fn load(
+        ckpt: &Checkpoint,
+        arch: &Arch,
+        width: WeightWidth,
+        total: u64,
+        progress: Option<&mut dyn FnMut(u64, u64)>,
+    ) -> Result<Loaded> {
+        let mut ld = Loader::new(ckpt, arch, Some(width), progress)?;
+        ld.total = total;
+        let weights = Weights::run(&mut ld, arch)?;
+        Ok(Loaded { weights, held: ld.dtypes })
+    }
+
+    fn run(ld: &mut Loader<'_, '_>, arch: &Arch) -> Result<Weights> {
+        let ckpt = ld.ckpt;
         let d = arch.hidden;
         let hd = arch.head_dim;
-        let (q_w, kv_w) = (arch.heads * hd, arch.kv_heads * hd);
+        let q_w = mul(arch.heads, hd, "num_attention_heads x head_dim")?;
+        let kv_w = mul(arch.kv_heads, hd, "num_key_value_heads x head_dim")?;
         let embed_name = ld.full("embed_tokens.weight");
-        let mut head = vec![0f32; arch.vocab * d];
-        // Reading it whole checks its shape and dtype once; rows are decoded again on use.
-        ld.read_into(&embed_name, &[arch.vocab, d], &mut head)?;
-        let (embed, entry) = ckpt.get(&embed_name).expect("read_into found it");
-        let embed_dtype = entry.dtype;
-        if !arch.tied {
-            let name = ["lm_head.weight", "language_model.lm_head.weight"]
+        // The embedding stays in the memory map: checked here, decoded row by row when used.
+        let (embed, embed_dtype) = ld.tensor(&embed_name, &[arch.vocab, d])?;
+        let head_name = if arch.tied {
+            embed_name
+        } else {
+            ["lm_head.weight", "language_model.lm_head.weight"]
                 .into_iter()
                 .find(|n| ckpt.get(n).is_some())
-                .unwrap_or("lm_head.weight");
-            ld.read_into(name, &[arch.vocab, d], &mut head)?;
-        }
-        let lm_head = Panels::from_rows(&head, arch.vocab, d);
-        drop(head);
+                .unwrap_or("lm_head.weight")
+                .to_string()
+        };
+        let lm_head = ld.matrix(&[(head_name, arch.vocab)], d)?;
         let final_norm = ld.norm("norm.weight", d, arch.norm)?;
 
         let mut layers = Vec::with_capacity(arch.layers);
         for i in 0..arch.layers {
             let p = |s: &str| format!("layers.{i}.{s}");
+            let input_norm = ld.norm(&p("input_layernorm.weight"), d, arch.norm)?;
             let qkv = if arch.fused_projections {
-                ld.linear(&p("self_attn.qkv_proj"), q_w + 2 * kv_w, d, arch.qkv_bias)?
+                let rows = mul(2, kv_w, "2 x num_key_value_heads x head_dim")?.checked_add(q_w).ok_or_else(|| {
+                    ModelError::Unsupported { what: "q/k/v widths from config.json (too large)".into() }
+                })?;
+                ld.linear(&p("self_attn.qkv_proj"), rows, d, arch.qkv_bias)?
             } else {
                 ld.stacked(
                     &[(&p("self_attn.q_proj"), q_w), (&p("self_attn.k_proj"), kv_w), (&p("self_attn.v_proj"), kv_w)],
@@ -205,12 +321,12 @@ impl Weights {
                 (None, ld.norm(&p("post_attention_layernorm.weight"), d, arch.norm)?, None)
             };
             let ffn = if arch.moe_layers[i] {
-                Ffn::Moe(load_moe(&ld, arch, i)?)
+                Ffn::Moe(load_moe(ld, arch, i)?)
             } else {
                 let ff = arch.intermediate.expect("Arch checks intermediate_size for dense layers");
                 if arch.fused_projections {
                     Ffn::Dense(Mlp {
-                        gate_up: ld.linear(&p("mlp.gate_up_proj"), 2 * ff, d, false)?,
+                        gate_up: ld.linear(&p("mlp.gate_up_proj"), mul(2, ff, "2 x intermediate_size")?, d, false)?,
                         down: ld.linear(&p("mlp.down_proj"), d, ff, false)?,
                         ff,
                     })
@@ -225,23 +341,40 @@ impl Weights {
                     )?)
                 }
             };
-            layers.push(Layer {
-                input_norm: ld.norm(&p("input_layernorm.weight"), d, arch.norm)?,
-                qkv,
-                q_norm,
-                k_norm,
-                o,
-                post_attn_norm,
-                pre_mlp_norm,
-                ffn,
-                post_mlp_norm,
-            });
+            layers.push(Layer { input_norm, qkv, q_norm, k_norm, o, post_attn_norm, pre_mlp_norm, ffn, post_mlp_norm });
         }
         Ok(Weights { embed, embed_dtype, layers, final_norm, lm_head })
     }
 }
 
-fn load_moe(ld: &Loader<'_>, arch: &Arch, i: usize) -> Result<MoeBlock> {
+impl<'a, 'p> Loader<'a, 'p> {
+    fn new(
+        ckpt: &'a Checkpoint,
+        arch: &Arch,
+        width: Option<WeightWidth>,
+        progress: Option<&'p mut dyn FnMut(u64, u64)>,
+    ) -> Result<Self> {
+        let prefix =
+            PREFIXES.iter().find(|p| ckpt.get(&format!("{p}embed_tokens.weight")).is_some()).ok_or_else(|| {
+                ModelError::MissingTensor {
+                    name: "model.embed_tokens.weight".into(),
+                    why: "every supported family has a token embedding".into(),
+                }
+            })?;
+        Ok(Loader {
+            ckpt,
+            prefix,
+            family: arch.family,
+            width,
+            tally: Tally::default(),
+            total: 0,
+            progress,
+            dtypes: Vec::new(),
+        })
+    }
+}
+
+fn load_moe(ld: &mut Loader<'_, '_>, arch: &Arch, i: usize) -> Result<MoeBlock> {
     let m = arch.moe.as_ref().expect("Arch sets moe for MoE layers");
     let d = arch.hidden;
     let block = match arch.family {

@@ -88,3 +88,61 @@ fn inputs_are_checked_before_use() {
     let out = model.forward_from(2, vec![0.0; 192], &batch, Logits::Last, &mut NoHook).unwrap();
     assert_eq!(out.rows(), 1);
 }
+
+/// Sizes in config.json are checked against the tensors present before anything is allocated from
+/// them (an absurd size used to allocate first: an abort, not an error).
+#[test]
+fn absurd_config_sizes_are_errors_before_any_allocation() {
+    let config = |dir: &Path| dir.join("config.json").display().to_string();
+    let (_t, dir) = with_config(|c| {
+        c.insert("vocab_size".into(), (1u64 << 50).into());
+    });
+    assert_eq!(
+        load_error(&dir),
+        "tensor `model.embed_tokens.weight` has shape [512, 64], but config.json implies [1125899906842624, 64]"
+    );
+    let (_t, dir) = with_config(|c| {
+        c.insert("num_hidden_layers".into(), 1_000_000_000_000u64.into());
+    });
+    assert_eq!(
+        load_error(&dir),
+        format!("`{}`: `num_hidden_layers` is 1000000000000, but the checkpoint holds only 20 tensors", config(&dir))
+    );
+    let (_t, dir) = with_config(|c| {
+        c.insert("intermediate_size".into(), (1u64 << 60).into());
+    });
+    assert_eq!(
+        load_error(&dir),
+        "tensor `model.layers.0.mlp.gate_proj.weight` has shape [96, 64], but config.json implies [1152921504606846976, 64]"
+    );
+    let (_t, dir) = with_config(|c| {
+        c.insert("head_dim".into(), (1u64 << 62).into());
+    });
+    assert_eq!(
+        load_error(&dir),
+        "num_attention_heads x head_dim (4 x 4611686018427387904, too large) is not supported by the runtime yet"
+    );
+}
+
+/// The KV cache is sized by the prompt and `max_new_tokens`, bounded by the model's context length.
+#[test]
+fn generation_beyond_the_context_is_an_error() {
+    use model::GenerateOptions;
+    let model = Model::open(&testutil::fixtures().join("models/llama/f32")).unwrap();
+    let batch = Batch::new(&[vec![1, 2, 3], vec![4]]).unwrap();
+    let run = |max_new_tokens| {
+        let opts = GenerateOptions { max_new_tokens, stop_tokens: vec![] };
+        model.generate(&batch, &opts, &mut NoHook, &mut |_, _| std::ops::ControlFlow::Continue(()))
+    };
+    for n in [usize::MAX, 511] {
+        assert_eq!(
+            run(n).unwrap_err().to_string(),
+            format!(
+                "prompt 0 has 3 tokens; with {n} new tokens that is more than the model's context of 512 positions \
+                 (max_position_embeddings)"
+            )
+        );
+    }
+    // 3 prompt positions and 509 fed-back tokens fill the 512 positions exactly.
+    assert_eq!(run(510).unwrap()[0].tokens.len(), 510);
+}

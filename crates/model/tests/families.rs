@@ -8,7 +8,10 @@
 mod common;
 
 use common::{Reference, ids, max_abs_diff};
-use model::{At, Batch, Capture, Chain, GenerateOptions, Hook, Interventions, Logits, Model, NoHook, Positions, Site};
+use model::{
+    At, Batch, Capture, Chain, GenerateOptions, Hook, Interventions, LoadOptions, Logits, Model, NoHook, Positions,
+    Site, WeightWidth,
+};
 
 /// The bar for the fixtures: 1e-4 max abs (f32).
 const TOL: f32 = 1e-4;
@@ -72,11 +75,13 @@ fn check(family: &str) {
         ["f32", "bf16"].into_iter().filter(|d| testutil::fixtures().join(format!("models/{family}/{d}")).is_dir());
     for dtype in dtypes {
         let what = format!("{family}/{dtype}");
-        let model = Model::open(&testutil::fixtures().join(format!("models/{family}/{dtype}"))).unwrap();
+        let dir = testutil::fixtures().join(format!("models/{family}/{dtype}"));
+        let model = Model::open_with(&dir, LoadOptions { weights: WeightWidth::F32, ..Default::default() }).unwrap();
         let layers = model.arch().layers;
 
         let (out, hidden) = run(&model, &batch, None);
         let plain = compare(&what, &r, &batch, &out, &hidden, "logits", Some("hidden"));
+        let out_plain = out;
 
         let mut ablation = Interventions::ablation(layers, &direction).unwrap();
         let (out, hidden) = run(&model, &batch, Some(&mut ablation));
@@ -112,6 +117,23 @@ fn check(family: &str) {
             }
         }
         assert!(batched <= TOL, "{what}: padded batch logits max |diff| {batched}");
+
+        // At stored width (bf16 stays bf16) the products widen the same values exactly: the same bits.
+        let stored =
+            Model::open_with(&dir, LoadOptions { weights: WeightWidth::Stored, ..Default::default() }).unwrap();
+        let want_dtype = if dtype == "bf16" { "bf16" } else { "f32" };
+        assert_eq!(stored.weights_info().dtypes, vec![want_dtype], "{what}: held dtypes");
+        let info = stored.weights_info();
+        assert_eq!(info.bytes, info.stored_bytes);
+        assert!(if dtype == "bf16" { info.stored_bytes < info.f32_bytes } else { info.stored_bytes == info.f32_bytes });
+        assert_eq!(stored.forward(&batch, Logits::All, &mut NoHook).unwrap(), out_plain, "{what}: stored width, plain");
+        let mut ablation = Interventions::ablation(layers, &direction).unwrap();
+        let gen_stored =
+            stored.generate(&batch, &opts, &mut ablation, &mut |_, _| std::ops::ControlFlow::Continue(())).unwrap();
+        let mut ablation = Interventions::ablation(layers, &direction).unwrap();
+        let gen_f32 =
+            model.generate(&batch, &opts, &mut ablation, &mut |_, _| std::ops::ControlFlow::Continue(())).unwrap();
+        assert_eq!(gen_stored, gen_f32, "{what}: stored width, ablated generation");
         eprintln!(
             "{what}: max |diff| plain {plain:.1e}, ablated {ablated:.1e}, actadd {added:.1e}, padded batch {batched:.1e}"
         );

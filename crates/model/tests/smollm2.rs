@@ -7,10 +7,16 @@ mod common;
 use std::sync::OnceLock;
 
 use common::{Reference, max_abs, max_abs_diff};
-use model::{At, Batch, Capture, Chain, GenerateOptions, Interventions, Logits, Model, NoHook, Positions, Site};
+use model::{
+    At, Batch, Capture, Chain, GenerateOptions, Interventions, LoadOptions, Logits, Model, NoHook, Positions, Site,
+    WeightWidth,
+};
 
 struct Fixture {
+    /// At f32 width.
     model: Model,
+    /// The same checkpoint (bf16) held at its stored width.
+    stored: Model,
     reference: Reference,
     direction: Vec<f64>,
 }
@@ -19,12 +25,14 @@ fn fixture() -> Option<&'static Fixture> {
     static F: OnceLock<Option<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
         let dir = testutil::smollm2()?;
-        let model = Model::open(&dir).expect("the real model loads");
+        let open = |weights| Model::open_with(&dir, LoadOptions { weights, ..Default::default() });
+        let model = open(WeightWidth::F32).expect("the real model loads");
+        let stored = open(WeightWidth::Stored).expect("the real model loads at stored width");
         let reference = Reference::open(&testutil::fixtures().join("smollm2/reference.safetensors"));
         let direction = direction::Direction::load(&testutil::smollm2_direction()?, model.arch().hidden)
             .expect("the shared direction loads")
             .values;
-        Some(Fixture { model, reference, direction })
+        Some(Fixture { model, stored, reference, direction })
     })
     .as_ref()
 }
@@ -216,4 +224,27 @@ fn running_from_a_cached_residual_equals_the_full_pass() {
         // The LM head runs on 2 rows or on all of them: gemm's blocking, so rounding, differs.
         assert!(d <= 1e-4, "prompt {r}: last row of all-position logits differs by {d}");
     }
+}
+
+/// bf16 weights held as bf16 are widened exactly inside each product: logits, ablated residuals and greedy
+/// tokens are the same bits as with f32 weights (so every bar above holds at stored width too).
+#[test]
+fn stored_width_computes_the_same_bits_as_f32() {
+    let Some(f) = fixture() else { return };
+    let info = f.stored.weights_info();
+    assert_eq!((info.width, info.dtypes.clone()), (WeightWidth::Stored, vec!["bf16"]));
+    assert!(info.bytes * 2 <= info.f32_bytes + 1_000_000, "{info:?}");
+    let prompts = f.reference.prompts("logits");
+    let batch = Batch::new(&prompts).unwrap();
+    let a = f.model.forward(&batch, Logits::Last, &mut NoHook).unwrap();
+    let b = f.stored.forward(&batch, Logits::Last, &mut NoHook).unwrap();
+    assert!(a.logits == b.logits, "logits differ by {}", max_abs_diff(&a.logits, &b.logits));
+    let layers = f.model.arch().layers;
+    let opts = GenerateOptions { max_new_tokens: 16, stop_tokens: vec![2] };
+    let greedy = Batch::new(&f.reference.prompts("greedy")).unwrap();
+    let run = |m: &Model| {
+        let mut ablation = Interventions::ablation(layers, &f.direction).unwrap();
+        m.generate(&greedy, &opts, &mut ablation, &mut |_, _| std::ops::ControlFlow::Continue(())).unwrap()
+    };
+    assert_eq!(run(&f.stored), run(&f.model), "ablated greedy tokens");
 }

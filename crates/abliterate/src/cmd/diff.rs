@@ -35,9 +35,12 @@ pub struct Args {
     /// Print everything as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: crate::args::Threads,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    args.threads.apply()?;
     if let Some(t) = args.expect_orthogonal
         && !(t.is_finite() && t >= 0.0)
     {

@@ -3,8 +3,9 @@
 //! direction does before editing any weight. The work is `chat` (template, tokens, decoding) and
 //! `model` (forward pass, hooks, generation); this file parses options and prints.
 //!
-//! Human output: the reply on stdout, streamed token by token, and a one-line summary on stderr.
-//! `--json`: one object on stdout when done.
+//! Human output: a progress bar on stderr while the weights load (only on a terminal), the reply on stdout,
+//! streamed token by token, and a one-line summary on stderr (with the width the weights were held at).
+//! `--json`: one object on stdout when done. `--weights` and `--threads` are [`RuntimeArgs`].
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -15,8 +16,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use chat::{Chat, Special};
 use direction::{Candidate, Direction};
-use model::{Batch, Finish, GenerateOptions, Hook, Interventions, Model, NoHook};
+use model::{Batch, Finish, GenerateOptions, Hook, Interventions, NoHook};
 use serde_json::{Value, json};
+
+use crate::runtime::RuntimeArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,11 +36,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_new_tokens: usize,
     /// Ablate this direction everywhere: x ← x − (x·r̂)r̂ at every layer's input, attention output and
-    /// MLP output (method.md §7; for Gemma 2/3 after their post-norms).
+    /// MLP output (docs/method.md §7; for Gemma 2/3 after their post-norms).
     #[arg(long, value_name = "FILE", conflicts_with = "add")]
     ablate: Option<PathBuf>,
     /// Add COEFF times this (raw, unnormalised) direction to the input of layer L at every position
-    /// (method.md §7, activation addition).
+    /// (docs/method.md §7, activation addition).
     #[arg(long, value_name = "FILE")]
     add: Option<PathBuf>,
     /// With a candidates file (`find`'s candidates.safetensors) for --ablate or --add: which
@@ -56,9 +59,12 @@ pub struct Args {
     /// Print one JSON object (prompt tokens, new tokens, text, how it ended) instead of streaming.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    args.runtime.apply_threads()?;
     let chat = match &args.template {
         Some(t) => {
             Chat::load_with(&args.model, &chat::Options { template_file: Some(t.clone()), ..Default::default() })
@@ -67,9 +73,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }?;
     let prompt = chat.prompt_ids(&args.prompt, args.system.as_deref())?;
     let loaded = Instant::now();
-    let model = Model::open(&args.model)?;
+    let model = args.runtime.load(&args.model)?;
     let load_seconds = loaded.elapsed().as_secs_f64();
     let arch = model.arch();
+    let weights = model.weights_info();
 
     if let (Some(c), None, None) = (args.candidate, &args.ablate, &args.add) {
         bail!("--candidate {},{} picks a candidate for --ablate or --add; pass one of them", c.position, c.layer);
@@ -155,6 +162,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "tokens": g.tokens,
             "text": text,
             "finish": finish,
+            "weights": {
+                "requested": weights.requested.as_str(),
+                "width": weights.width.as_str(),
+                "dtypes": weights.dtypes,
+                "bytes": weights.bytes,
+                "available_bytes": weights.available,
+            },
             "load_seconds": load_seconds,
             "prompt_seconds": prompt_seconds,
             "seconds": seconds,
@@ -170,10 +184,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Finish::Stopped => "stopped",
         };
         eprintln!(
-            "[{} new tokens, {why}; prompt {} tokens in {prompt_seconds:.2} s, then {:.1} tokens/s]",
+            "[{} new tokens, {why}; prompt {} tokens in {prompt_seconds:.2} s, then {:.1} tokens/s; weights {}, \
+             loaded in {load_seconds:.1} s]",
             g.tokens.len(),
             prompt.len(),
             decode_rate(g.tokens.len()),
+            weights.describe(),
         );
     }
     Ok(ExitCode::SUCCESS)

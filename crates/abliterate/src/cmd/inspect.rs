@@ -2,7 +2,8 @@
 //! shards), which tensors write to the residual stream, how tied embeddings and post-norms are
 //! handled, whether there is a chat template, and what `abliterate edit` would rewrite
 //! (`edit::plan` with the default options). Opening the model validates all of it, so a broken
-//! checkpoint fails here with the same message as in `edit`.
+//! checkpoint fails here with the same message as in `edit`; unknown tensors are listed instead,
+//! with what `edit` does about them.
 //!
 //! Reads headers and config only: no tensor data is decoded.
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
-use checkpoint::{Checkpoint, Role, Site, WriterKind};
+use checkpoint::{Checkpoint, Head, Role, Site, TensorRef, WriterKind};
 use edit::{Options, Plan, Tie, human_bytes};
 use serde_json::{Map, Value, json};
 
@@ -30,8 +31,14 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let ckpt = Checkpoint::open(&args.model)?;
-    let plan = edit::plan(&ckpt, &Options { exclude: args.exclude.clone(), ..Options::default() })?;
-    let info = Info::gather(&ckpt, &plan);
+    // Unknown tensors are listed, not fatal: the plan shown is the edit with them excluded, and
+    // the report says that `edit` refuses them until the user excludes them.
+    let mut options = Options { exclude: args.exclude.clone(), ..Options::default() };
+    let unknown = edit::unknown_tensors(&ckpt, &options)?;
+    options.exclude.extend(unknown.iter().map(|&r| edit::exact_pattern(&ckpt.entry(r).name)));
+    let plan = edit::plan(&ckpt, &options)?;
+    let mut info = Info::gather(&ckpt, &plan);
+    info.unknown = unknown;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info.json(&args.model, &ckpt, &plan))?);
     } else {
@@ -62,6 +69,8 @@ struct Info {
     post_norms: Vec<(String, usize, Site)>,
     dtypes: BTreeMap<String, (usize, u64)>,
     template: Template,
+    /// Tensors `edit` refuses (unknown, not excluded).
+    unknown: Vec<TensorRef>,
 }
 
 /// Where the chat template is.
@@ -85,7 +94,7 @@ impl Info {
                 Role::Writer(w) => {
                     let fused = w.kind == WriterKind::ExpertDown && w.expert.is_none() && t.shape.len() == 3;
                     let order = WriterKind::ALL.iter().position(|k| *k == w.kind).unwrap_or(0) * 2 + w.bias as usize;
-                    let g = groups.entry((order, diff::kind_label(&Role::Writer(w)), fused)).or_default();
+                    let g = groups.entry((order, w.label(), fused)).or_default();
                     *g.layers.entry(w.layer).or_default() += 1;
                     g.tensors += 1;
                     g.bytes += t.nbytes() as u64;
@@ -96,11 +105,11 @@ impl Info {
                     g.single = (g.tensors == 1).then(|| (t.name.clone(), t.shape.clone()));
                 }
                 Role::PostNorm { layer, site } => post_norms.push((t.name.clone(), layer, site)),
-                role => *others.entry(diff::kind_label(&role)).or_default() += 1,
+                role => *others.entry(role.label()).or_default() += 1,
             }
         }
         let writers = groups.into_iter().map(|((_, label, fused), g)| ((label, fused), g)).collect();
-        Info { writers, others, post_norms, dtypes, template: Template::find(&ckpt.dir) }
+        Info { writers, others, post_norms, dtypes, template: Template::find(&ckpt.dir), unknown: Vec::new() }
     }
 
     fn human(&self, model: &Path, ckpt: &Checkpoint, plan: &Plan) -> String {
@@ -183,20 +192,41 @@ impl Info {
                 layer_text(&layers.into_iter().collect::<Vec<_>>()),
                 count(self.post_norms.len(), "tensor")
             ));
-            line("  so the edit removes ŝ = (g ⊙ r̂)/|g ⊙ r̂| of each layer from its writers (method.md §6)".into());
+            line("  so the edit removes ŝ = (g ⊙ r̂)/|g ⊙ r̂| of each layer from its writers (docs/method.md §6)".into());
         }
         if !self.others.is_empty() {
             let n: usize = self.others.values().sum();
             let parts: Vec<String> = self.others.iter().map(|(k, n)| format!("{k} {n}")).collect();
             line(format!("other tensors: {n} ({})", parts.join(", ")));
         }
+        if !self.unknown.is_empty() {
+            line(format!(
+                "unknown tensors: {}; edit refuses them: abliterate does not know whether they write to the \
+                 residual stream",
+                self.unknown.len()
+            ));
+            for &r in &self.unknown {
+                let t = ckpt.entry(r);
+                line(format!("  `{}` {:?} {} in `{}`", t.name, t.shape, t.dtype, ckpt.file_of(r)));
+            }
+            line(
+                "  pass --exclude NAME (or a glob) for each one you know does not write to it: edit then copies it \
+                 unchanged"
+                    .into(),
+            );
+        }
         let tie = tie_text(ckpt, plan);
         let mut tie = tie.split("; ");
         line(format!("tied embeddings: {}", tie.next().unwrap_or_default()));
         tie.for_each(|rest| line(format!("  {rest}")));
         line(format!("chat template: {}", self.template.text()));
+        let refused = match self.unknown.len() {
+            0 => String::new(),
+            1 => "refuses the unknown tensor; with it excluded, ".into(),
+            n => format!("refuses the {n} unknown tensors; with them excluded, "),
+        };
         let mut edit = format!(
-            "edit (default options): rewrites {} ({})",
+            "edit (default options): {refused}rewrites {} ({})",
             count(plan.edits.len(), "tensor"),
             human_bytes(plan.edit_bytes())
         );
@@ -205,10 +235,14 @@ impl Info {
         }
         edit.push_str(&format!(", copies {} unchanged ({})", plan.unchanged, human_bytes(plan.unchanged_bytes)));
         line(edit);
-        for e in &plan.excluded {
+        for e in plan.excluded.iter().filter(|e| !self.is_unknown(ckpt, &e.name)) {
             line(format!("  excluded: `{}` ({})", e.name, e.reason));
         }
         out
+    }
+
+    fn is_unknown(&self, ckpt: &Checkpoint, name: &str) -> bool {
+        self.unknown.iter().any(|&r| ckpt.entry(r).name == name)
     }
 
     fn json(&self, model: &Path, ckpt: &Checkpoint, plan: &Plan) -> Value {
@@ -220,7 +254,7 @@ impl Info {
                 let Role::Writer(w) = ckpt.role(r) else { return None };
                 Some(json!({
                     "name": t.name,
-                    "kind": diff::kind_label(&Role::Writer(w)),
+                    "kind": w.label(),
                     "layer": w.layer,
                     "expert": w.expert,
                     "bias": w.bias,
@@ -298,11 +332,17 @@ impl Info {
                 "site": match site { Site::Attn => "attn", Site::Mlp => "mlp" },
             })).collect::<Vec<_>>(),
             "other_tensors": self.others,
+            "unknown_tensors": self.unknown.iter().map(|&r| {
+                let t = ckpt.entry(r);
+                json!({"name": t.name, "file": ckpt.file_of(r), "dtype": t.dtype.as_str(), "shape": t.shape})
+            }).collect::<Vec<_>>(),
             "tied_embeddings": {
                 "tied": ckpt.tied(),
                 "config_value": c.tie_word_embeddings,
                 "lm_head_stored": ckpt.has_lm_head(),
-                "default_edit": tie_label(plan.tie),
+                "stored_lm_head_ignored": matches!(plan.head, Head::TiedIgnoringStored { .. }),
+                "stored_lm_head_identical": matches!(plan.head, Head::TiedIgnoringStored { identical: true }),
+                "default_edit": plan.tie.label(),
                 "explanation": tie_text(ckpt, plan),
             },
             "chat_template": {
@@ -315,20 +355,19 @@ impl Info {
                 "tensors": plan.edits.len(),
                 "bytes": plan.edit_bytes(),
                 "by_kind": plan.counts_by_kind().into_iter().map(|(k, n)| (k, json!(n))).collect::<Map<_, _>>(),
-                "against": plan.edits.iter().map(|e| (e.name.clone(), json!(match &e.against {
-                    edit::Against::Direction => "r".to_string(),
-                    edit::Against::GainWeighted { norm, .. } => format!("s({norm})"),
-                }))).collect::<Map<_, _>>(),
+                "against": plan.edits.iter().map(|e| (e.name.clone(), json!(e.against.label()))).collect::<Map<_, _>>(),
                 "added": plan.added.iter().map(|a| json!({
                     "name": a.name,
                     "copy_of": a.copy_of,
                     "file": a.file,
+                    "replaces_stored": a.replaces.is_some(),
                     "dtype": a.dtype.as_str(),
                     "shape": a.shape,
                     "bytes": a.bytes,
                 })).collect::<Vec<_>>(),
                 "added_bytes": plan.added_bytes(),
-                "excluded": plan.excluded.iter().map(|e| json!({"name": e.name, "reason": e.reason.to_string()})).collect::<Vec<_>>(),
+                "refused_unknown": self.unknown.len(),
+                "excluded": plan.excluded.iter().filter(|e| !self.is_unknown(ckpt, &e.name)).map(|e| json!({"name": e.name, "reason": e.reason.to_string()})).collect::<Vec<_>>(),
                 "unchanged": plan.unchanged,
                 "unchanged_bytes": plan.unchanged_bytes,
             },
@@ -384,29 +423,41 @@ fn layer_text(layers: &[usize]) -> String {
     format!("layer{s} {}", parts.join(", "))
 }
 
-fn tie_label(t: Tie) -> &'static str {
-    match t {
-        Tie::NotTied => "not_tied",
-        Tie::Untie => "untie",
-        Tie::KeepTie => "keep_tie",
-        Tie::TiedUnedited => "tied_unedited",
-    }
-}
-
 fn tie_text(ckpt: &Checkpoint, plan: &Plan) -> String {
-    match plan.tie {
-        Tie::NotTied if ckpt.has_lm_head() => "no (lm_head.weight is stored)".to_string(),
-        Tie::NotTied => "no".to_string(),
-        Tie::Untie => {
+    let head = ckpt.lm_head_name().unwrap_or("lm_head.weight");
+    match (plan.tie, plan.head) {
+        (Tie::NotTied, _) => format!("no (`{head}` is stored)"),
+        (_, Head::TiedIgnoringStored { identical }) => {
+            let stored = if identical {
+                format!("`{head}` is also stored, an identical copy of the embedding")
+            } else {
+                format!(
+                    "`{head}` is also stored but differs from the embedding: transformers 4.57 and the runtime \
+                     ignore it (transformers 5 would read it)"
+                )
+            };
+            let edit = match plan.tie {
+                Tie::Untie if identical => "the default edit keeps it as the original embedding and sets \
+                                            tie_word_embeddings false (docs/method.md §6)"
+                    .to_string(),
+                Tie::Untie => format!(
+                    "the default edit replaces it with the original embedding and sets tie_word_embeddings false \
+                     (docs/method.md §6)"
+                ),
+                _ => "the embedding is not edited, so the tie stays".to_string(),
+            };
+            format!("yes (config.json ties them); {stored}; {edit}")
+        }
+        (Tie::Untie, _) => {
             let a = plan.added.first().expect("untie adds the LM head");
             format!(
-                "yes (no `{}` stored); the default edit unties them (method.md §6): it adds `{}` = the original \
+                "yes (no `{}` stored); the default edit unties them (docs/method.md §6): it adds `{}` = the original \
                  embedding and sets tie_word_embeddings false; --keep-tie keeps the tie and also edits the unembedding",
                 a.name, a.name,
             )
         }
-        Tie::KeepTie => "yes, kept: the edit also changes the unembedding".to_string(),
-        Tie::TiedUnedited => "yes; the embedding is not edited, so the tie stays".to_string(),
+        (Tie::KeepTie, _) => "yes, kept: the edit also changes the unembedding".to_string(),
+        (Tie::TiedUnedited, _) => "yes; the embedding is not edited, so the tie stays".to_string(),
     }
 }
 

@@ -1,11 +1,13 @@
-//! Small synthetic checkpoints with deterministic values, for tests (this crate's and the CLI's)
-//! and benchmarks. Not part of the editing API.
+//! Small synthetic checkpoints with deterministic values, for tests: a tiny Llama (single file or
+//! sharded), direction files, and checks of an edited copy's layout. Panics on any I/O error (a
+//! test helper); never part of a library's API.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use checkpoint::{Checkpoint, Dtype, dtype, safetensors};
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 /// A tensor to write: values are rounded once to `dtype`.
 pub struct Tensor {
@@ -148,8 +150,13 @@ pub fn direction_file(parent: &Path, d: usize) -> PathBuf {
     meta.insert("layer".into(), json!("1"));
     meta.insert("position".into(), json!("-1"));
     meta.insert("source".into(), json!("synthetic"));
-    direction::write(&p, &t.values, Dtype::F32, &meta).expect("writing a direction file");
+    // The direction file format: one F32 tensor `direction` and string metadata.
+    write_safetensors(&p, Some(&meta), &[t]);
     p
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// sha256 of every file under `dir`, by relative path.
@@ -163,7 +170,7 @@ pub fn hash_dir(dir: &Path) -> BTreeMap<String, String> {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
-                out.insert(rel, direction::sha256_hex(&std::fs::read(&p).expect("readable file")));
+                out.insert(rel, sha256_hex(&std::fs::read(&p).expect("readable file")));
             }
         }
     }
