@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Show a checkpoint: family, dimensions, shards, residual writers, and what an edit would rewrite.
     Inspect(cmd::inspect::Args),
+    /// Find a model's refusal direction (Arditi et al.): candidates, scores, the choice, a report.
+    Find(cmd::find::Args),
     /// Write a copy of a checkpoint in which no weight writes a direction into the residual stream.
     Edit(cmd::edit::Args),
     /// Compare two checkpoints tensor by tensor (optionally against a direction); a gate for CI.
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Find(a) => cmd::find::run(a),
         Command::Edit(a) => cmd::edit::run(a),
         Command::Diff(a) => cmd::diff::run(a),
         Command::Generate(a) => cmd::generate::run(a),

@@ -3,5 +3,6 @@
 pub mod diff;
 pub mod direction;
 pub mod edit;
+pub mod find;
 pub mod generate;
 pub mod inspect;
