@@ -425,3 +425,32 @@ fn a_stored_head_under_a_tied_config_is_reported_as_ignored() {
     assert_eq!(v["edit"]["added"][0]["replaces_stored"], true);
     assert_eq!(v["edit"]["added_bytes"], 0);
 }
+
+/// Issue 13: help texts and reports cite `docs/method.md §N`, a file every clone has (not the
+/// project's `method.md`, which users do not have); each cited section must exist there.
+#[test]
+fn every_cited_method_section_exists_in_docs() {
+    let root = testutil::workspace_root();
+    let method = std::fs::read_to_string(root.join("docs/method.md")).unwrap();
+    let mut cited = 0;
+    let mut stack = vec![root.join("crates"), root.join("README.md")];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        for (i, _) in text.match_indices("docs/method.md §") {
+            let n: String = text[i + "docs/method.md §".len()..].chars().take_while(char::is_ascii_digit).collect();
+            if n.is_empty() {
+                continue; // this test's own format strings
+            }
+            assert!(method.contains(&format!("\n## §{n} ")), "{} cites docs/method.md §{n}", p.display());
+            cited += 1;
+        }
+    }
+    assert!(cited >= 5, "only {cited} citations found");
+    // A user-visible help text never cites the project-internal `method.md` alone.
+    let help = abliterate(["edit", "--help"]).stdout + &abliterate(["generate", "--help"]).stdout;
+    assert_eq!(help.matches("method.md").count(), help.matches("docs/method.md").count(), "{help}");
+}

@@ -564,7 +564,7 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
                     ckpt.tensor_error(
                         r,
                         format!(
-                            "{} writes through a post-norm, but layer {layer} has no `{}` (method.md §6)",
+                            "{} writes through a post-norm, but layer {layer} has no `{}` (docs/method.md §6)",
                             ckpt.config.family.name(),
                             match site {
                                 Site::Attn => "post_attention_layernorm.weight",

@@ -18,7 +18,7 @@ use crate::progress;
 #[derive(clap::Args, Clone, Debug)]
 pub struct EditOptions {
     /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
-    /// 2 reflects (method.md §6, scale variant).
+    /// 2 reflects (docs/method.md §6, scale).
     #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
     pub scale: f64,
     /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no

@@ -23,23 +23,12 @@ use crate::runtime::RuntimeArgs;
 /// What verify measures and how: shared with `abliterate run`, which passes them through.
 #[derive(clap::Args, Clone, Debug)]
 pub struct VerifyOptions {
-    /// Harmful evaluation prompts (JSON, JSONL, CSV or text; default: the embedded `harmful_eval`, 100
-    /// prompts in 10 categories).
-    #[arg(long, value_name = "FILE")]
-    pub harmful: Option<PathBuf>,
-    /// Harmless evaluation prompts (default: the embedded `harmless_eval`, 100 prompts).
-    #[arg(long, value_name = "FILE")]
-    pub harmless: Option<PathBuf>,
     /// Stop each greedy completion after this many new tokens (it also stops at end of turn).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_new_tokens: usize,
     /// The refusal judge's phrases: one per line (`#` comments); default: the documented list of `eval`.
     #[arg(long, value_name = "FILE")]
     pub judge: Option<PathBuf>,
-    /// Refusal token for the refusal score (repeatable; a token string such as `I`, which must be one
-    /// token). Default: the direction file's, else detected from the original's first tokens.
-    #[arg(long = "refusal-token", value_name = "TOKEN")]
-    pub refusal_tokens: Vec<String>,
     /// The layer for the induced-refusal check (default: the direction file's `layer`).
     #[arg(long, value_name = "L")]
     pub layer: Option<usize>,
@@ -55,9 +44,6 @@ pub struct VerifyOptions {
     /// Prompts of each set (the first ones) for the equivalence check.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub equivalence_prompts: usize,
-    /// Prompts per forward pass and per generation batch.
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    pub batch_size: usize,
     /// Gate: fail (exit 1) if the edited model's harmful refusal rate is above this.
     #[arg(long, value_name = "RATE")]
     pub max_harmful_refusal: Option<f64>,
@@ -110,6 +96,20 @@ pub struct Args {
     candidate: Option<Candidate>,
     #[command(flatten)]
     system: SystemOptions,
+    /// Harmful evaluation prompts (JSON, JSONL, CSV or text; default: the embedded `harmful_eval`, 100
+    /// prompts in 10 categories).
+    #[arg(long, value_name = "FILE")]
+    harmful: Option<PathBuf>,
+    /// Harmless evaluation prompts (default: the embedded `harmless_eval`, 100 prompts).
+    #[arg(long, value_name = "FILE")]
+    harmless: Option<PathBuf>,
+    /// Refusal token for the refusal score (repeatable; a token string such as `I`, which must be one
+    /// token). Default: the direction file's, else detected from the original's first tokens.
+    #[arg(long = "refusal-token", value_name = "TOKEN")]
+    refusal_tokens: Vec<String>,
+    /// Prompts per forward pass and per generation batch.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    batch_size: usize,
     #[command(flatten)]
     opts: VerifyOptions,
     #[command(flatten)]
@@ -217,7 +217,7 @@ pub fn direction_info(d: &Direction, layer: Option<usize>) -> DirectionInfo {
 }
 
 /// Refusal tokens recorded in a direction file by `find` (`refusal_tokens`, a JSON list of ids).
-fn recorded_refusal_tokens(d: &Direction) -> Option<Vec<u32>> {
+pub fn recorded_refusal_tokens(d: &Direction) -> Option<Vec<u32>> {
     let v: serde_json::Value = serde_json::from_str(d.meta("refusal_tokens")?).ok()?;
     v.as_array()?.iter().map(|x| x.as_u64().map(|t| t as u32)).collect()
 }
@@ -231,10 +231,10 @@ pub fn gates(o: &VerifyOptions) -> Gates {
     }
 }
 
-pub fn measure_options(o: &VerifyOptions) -> measure::Options {
+pub fn measure_options(o: &VerifyOptions, batch_size: usize) -> measure::Options {
     measure::Options {
         max_new_tokens: o.max_new_tokens,
-        batch_size: o.batch_size,
+        batch_size,
         equivalence_prompts: o.equivalence_prompts,
         cross_entropy: !o.no_cross_entropy,
         induce: !o.no_induce,
@@ -268,8 +268,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let chat = Chat::load(&args.original)?;
     let formatter = Formatter::new(&chat, args.system.system())?;
-    let harmful = prompt_set(args.opts.harmful.as_deref(), Split::HarmfulEval)?;
-    let harmless = prompt_set(args.opts.harmless.as_deref(), Split::HarmlessEval)?;
+    let harmful = prompt_set(args.harmful.as_deref(), Split::HarmfulEval)?;
+    let harmless = prompt_set(args.harmless.as_deref(), Split::HarmlessEval)?;
     let judge = match &args.opts.judge {
         Some(f) => Judge::from_file(f)?,
         None => Judge::default(),
@@ -292,7 +292,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     let layer = direction.as_ref().map(|d| direction_layer(d, args.opts.layer, arch.layers)).transpose()?.flatten();
-    let refusal_tokens = match refusal_token_ids(&chat, &args.opts.refusal_tokens)? {
+    let refusal_tokens = match refusal_token_ids(&chat, &args.refusal_tokens)? {
         Some(ids) => Some(ids),
         None => direction.as_ref().and_then(recorded_refusal_tokens),
     };
@@ -326,7 +326,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let gates = gates(&args.opts);
     let mut bars = Bars::new();
-    let mut report = measure::verify(&inputs, &measure_options(&args.opts), &gates, &mut bars)?;
+    let mut report = measure::verify(&inputs, &measure_options(&args.opts, args.batch_size), &gates, &mut bars)?;
     drop(bars);
     report.seconds.insert("total".into(), started.elapsed().as_secs_f64());
     if let Some(target) = target {
