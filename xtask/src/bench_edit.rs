@@ -16,7 +16,6 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use crate::host;
 use anyhow::{Context, Result, bail};
@@ -188,43 +187,6 @@ fn write_direction(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One timed run.
-struct Timed {
-    wall: f64,
-    /// User + system CPU seconds of the command and its children.
-    cpu: f64,
-    /// Peak resident set size, kB.
-    rss: u64,
-}
-
-/// Runs `sh -c SCRIPT` under /usr/bin/time -v.
-fn timed(script: &str) -> Result<Timed> {
-    let started = Instant::now();
-    let out =
-        Command::new("/usr/bin/time").args(["-v", "sh", "-c", script]).output().context("running /usr/bin/time")?;
-    let secs = started.elapsed().as_secs_f64();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        bail!("`{script}` failed: {stderr}");
-    }
-    let field = |name: &str| -> Result<f64> {
-        stderr
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("no `{name}` in /usr/bin/time -v output"))
-    };
-    let cpu = field("User time (seconds): ")? + field("System time (seconds): ")?;
-    let rss = field("Maximum resident set size (kbytes): ")? as u64;
-    Ok(Timed { wall: secs, cpu, rss })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
-}
-
 const TORCH_EDIT: &str = r#"
 import json, os, shutil, sys
 import torch
@@ -294,15 +256,15 @@ pub fn run(args: &[&str]) -> Result<()> {
         // One warm-up of each, so both start from a warm page cache for the input.
         for script in [&cp, &edit] {
             clean()?;
-            timed(script)?;
+            host::timed(script)?;
         }
         let (mut t_cp, mut t_edit, mut c_cp, mut c_edit, mut rss) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0u64);
         for run in 0..o.runs {
             clean()?;
-            let c = timed(&cp)?;
+            let c = host::timed(&cp)?;
             clean()?;
-            let e = timed(&edit)?;
+            let e = host::timed(&edit)?;
             eprintln!(
                 "  run {}: cp {:.2} s ({:.2} s CPU), edit {:.2} s ({:.2} s CPU), edit peak RSS {} MB (load {})",
                 run + 1,
@@ -319,13 +281,13 @@ pub fn run(args: &[&str]) -> Result<()> {
             c_edit.push(e.cpu);
             rss = rss.max(e.rss);
         }
-        let (mc, me) = (median(t_cp.clone()), median(t_edit.clone()));
+        let (mc, me) = (host::median(t_cp.clone()), host::median(t_edit.clone()));
         let torch = match &py {
             Some(py) => {
                 clean()?;
                 let script_path = dir.join("torch_edit.py");
                 std::fs::write(&script_path, TORCH_EDIT)?;
-                let t = timed(&format!("{py} {} {m} {d} {} && sync", script_path.display(), out.display()))?;
+                let t = host::timed(&format!("{py} {} {m} {d} {} && sync", script_path.display(), out.display()))?;
                 eprintln!("  PyTorch: {:.2} s ({:.2} s CPU), peak RSS {} MB", t.wall, t.cpu, t.rss / 1024);
                 (format!("{:.2} s, {:.2} s", t.wall, t.cpu), format!("{} MB", t.rss / 1024))
             }
@@ -339,9 +301,9 @@ pub fn run(args: &[&str]) -> Result<()> {
             bytes as f64 / 1e9,
             o.runs,
             all(&t_cp),
-            median(c_cp),
+            host::median(c_cp),
             all(&t_edit),
-            median(c_edit),
+            host::median(c_edit),
             me / mc,
             rss / 1024,
             torch.0,

@@ -1,6 +1,9 @@
 //! Facts about the machine a benchmark runs on, and the Python it compares against.
 
 use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
 
 /// The Python with the given modules importable: `$BENCH_PYTHON`, else the project's venv.
 pub fn python(modules: &str) -> Option<String> {
@@ -36,4 +39,43 @@ pub fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// One timed run.
+pub struct Timed {
+    pub wall: f64,
+    /// User + system CPU seconds of the command and its children.
+    pub cpu: f64,
+    /// Peak resident set size, kB.
+    pub rss: u64,
+    /// The command's stdout.
+    pub stdout: String,
+}
+
+/// Runs `sh -c SCRIPT` under /usr/bin/time -v.
+pub fn timed(script: &str) -> Result<Timed> {
+    let started = Instant::now();
+    let out =
+        Command::new("/usr/bin/time").args(["-v", "sh", "-c", script]).output().context("running /usr/bin/time")?;
+    let secs = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("`{script}` failed: {stderr}");
+    }
+    let field = |name: &str| -> Result<f64> {
+        stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no `{name}` in /usr/bin/time -v output"))
+    };
+    let cpu = field("User time (seconds): ")? + field("System time (seconds): ")?;
+    let rss = field("Maximum resident set size (kbytes): ")? as u64;
+    Ok(Timed { wall: secs, cpu, rss, stdout: String::from_utf8_lossy(&out.stdout).into_owned() })
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }

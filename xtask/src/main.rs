@@ -1,8 +1,10 @@
 //! Project tasks: `cargo xtask fixtures` regenerates the committed tiny checkpoints;
-//! `cargo xtask bench edit|forward` runs the benchmarks recorded in docs/benchmarks.md.
+//! `cargo xtask bench edit|forward|forward-8b|run` runs the benchmarks recorded in docs/benchmarks.md.
 
 mod bench_edit;
 mod bench_forward;
+mod bench_large;
+mod bench_run;
 mod distill;
 mod fixtures;
 mod host;
@@ -13,9 +15,11 @@ fn main() -> anyhow::Result<()> {
         ["fixtures", rest @ ..] => fixtures::run(rest),
         ["bench", "edit", rest @ ..] => bench_edit::run(rest),
         ["bench", "forward", rest @ ..] => bench_forward::run(rest),
+        ["bench", "forward-8b", rest @ ..] => bench_large::run(rest),
+        ["bench", "run", rest @ ..] => bench_run::run(rest),
         ["distill", rest @ ..] => distill::run(rest),
         _ => anyhow::bail!(
-            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...] | distill MODEL IN.json OUT.jsonl [...]"
+            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...] | bench forward-8b [...] | bench run [...] | distill MODEL IN.json OUT.jsonl [...]"
         ),
     }
 }

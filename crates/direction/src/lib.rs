@@ -24,10 +24,19 @@ use checkpoint::{Dtype, dtype, safetensors};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub mod derive;
+pub mod interchange;
+pub mod set;
+pub use set::{Basis, Directions, Layout};
+
 /// The name of the tensor in a direction file.
 pub const TENSOR: &str = "direction";
 /// The name of the tensor in a candidates file.
 pub const CANDIDATES_TENSOR: &str = "candidates";
+/// The name of the tensor in a means file: mean activations (e.g. of the harmless prompts) in the layout of a
+/// candidates file, `[positions, layers, hidden]` (what projected and biprojected directions need; `find`
+/// can write it beside its candidates).
+pub const MEANS_TENSOR: &str = "means";
 
 /// A validated direction: finite, with a normal positive norm.
 #[derive(Clone, Debug, PartialEq)]
@@ -111,7 +120,7 @@ pub fn norm(values: &[f64]) -> f64 {
 
 /// Checks a raw vector for use as a direction: finite values and a normal positive norm. `what` names
 /// it in the message.
-fn check_values(values: &[f64], what: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_values(values: &[f64], what: &str) -> std::result::Result<(), String> {
     if let Some(i) = values.iter().position(|v| v.is_nan()) {
         return Err(format!("{what} contains NaN (at index {i})"));
     }
@@ -132,15 +141,15 @@ fn check_values(values: &[f64], what: &str) -> std::result::Result<(), String> {
 }
 
 /// The file's bytes, its parsed header and the one tensor named `name` (with its values as f64).
-struct Loaded {
-    bytes: Vec<u8>,
-    metadata: Map<String, Value>,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    values: Vec<f64>,
+pub(crate) struct Loaded {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) metadata: Map<String, Value>,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) values: Vec<f64>,
 }
 
-fn read_file(path: &Path) -> Result<(Vec<u8>, safetensors::Header)> {
+pub(crate) fn read_file(path: &Path) -> Result<(Vec<u8>, safetensors::Header)> {
     let bytes = std::fs::read(path).map_err(|cause| DirectionError::Io { path: path.to_path_buf(), cause })?;
     let header = safetensors::parse(&bytes).map_err(|e| DirectionError::Invalid {
         path: path.to_path_buf(),
@@ -154,7 +163,7 @@ fn tensor_names(header: &safetensors::Header) -> String {
     if names.is_empty() { "none".to_string() } else { names.join(", ") }
 }
 
-fn take_tensor(path: &Path, bytes: Vec<u8>, header: safetensors::Header, name: &str) -> Result<Loaded> {
+pub(crate) fn take_tensor(path: &Path, bytes: Vec<u8>, header: safetensors::Header, name: &str) -> Result<Loaded> {
     let bad = |problem: String| DirectionError::Invalid { path: path.to_path_buf(), problem };
     let t = header
         .tensors
@@ -292,22 +301,33 @@ impl Candidates {
         Candidates::from_file(path, bytes, header, hidden_size)
     }
 
+    /// Reads a means file (tensor [`MEANS_TENSOR`], the layout of a candidates file).
+    pub fn load_means(path: &Path, hidden_size: usize) -> Result<Candidates> {
+        let (bytes, header) = read_file(path)?;
+        Candidates::from_named(path, bytes, header, hidden_size, MEANS_TENSOR)
+    }
+
     fn from_file(path: &Path, bytes: Vec<u8>, header: safetensors::Header, hidden_size: usize) -> Result<Candidates> {
+        Candidates::from_named(path, bytes, header, hidden_size, CANDIDATES_TENSOR)
+    }
+
+    fn from_named(
+        path: &Path,
+        bytes: Vec<u8>,
+        header: safetensors::Header,
+        hidden_size: usize,
+        name: &str,
+    ) -> Result<Candidates> {
         let bad = |problem: String| DirectionError::Invalid { path: path.to_path_buf(), problem };
-        let t = take_tensor(path, bytes, header, CANDIDATES_TENSOR)?;
+        let t = take_tensor(path, bytes, header, name)?;
         let &[n_pos, layers, hidden] = t.shape.as_slice() else {
-            return Err(bad(format!(
-                "`{CANDIDATES_TENSOR}` must have shape [positions, layers, hidden], found {:?}",
-                t.shape
-            )));
+            return Err(bad(format!("`{name}` must have shape [positions, layers, hidden], found {:?}", t.shape)));
         };
         if hidden != hidden_size {
-            return Err(bad(format!(
-                "`{CANDIDATES_TENSOR}` has hidden size {hidden} but the model's hidden_size is {hidden_size}"
-            )));
+            return Err(bad(format!("`{name}` has hidden size {hidden} but the model's hidden_size is {hidden_size}")));
         }
         if n_pos == 0 || layers == 0 {
-            return Err(bad(format!("`{CANDIDATES_TENSOR}` has shape {:?}: no candidates", t.shape)));
+            return Err(bad(format!("`{name}` has shape {:?}: no candidates", t.shape)));
         }
         let positions = match int_list(&t.metadata, "positions") {
             None => (-(n_pos as i64)..0).collect(),
@@ -316,14 +336,14 @@ impl Candidates {
         if positions.len() != n_pos || positions.iter().any(|&p| p >= 0) {
             return Err(bad(format!(
                 "metadata `positions` {positions:?} must list {n_pos} negative positions (the first axis of \
-                 `{CANDIDATES_TENSOR}`)"
+                 `{name}`)"
             )));
         }
         if let Some(l) = int_list(&t.metadata, "layers") {
             let l = l.map_err(bad)?;
             if l != (0..layers as i64).collect::<Vec<_>>() {
                 return Err(bad(format!(
-                    "metadata `layers` must be the layers 0..{} in order (the second axis of `{CANDIDATES_TENSOR}`)",
+                    "metadata `layers` must be the layers 0..{} in order (the second axis of `{name}`)",
                     layers - 1
                 )));
             }
@@ -425,11 +445,31 @@ fn write_tensor(
     dtype: Dtype,
     metadata: &Map<String, Value>,
 ) -> std::io::Result<()> {
+    write_tensors(path, &[(name, values, shape.to_vec())], dtype, metadata)
+}
+
+/// Writes several tensors (name, values, shape), in order, into one safetensors file.
+pub(crate) fn write_tensors(
+    path: &Path,
+    tensors: &[(&str, &[f64], Vec<usize>)],
+    dtype: Dtype,
+    metadata: &Map<String, Value>,
+) -> std::io::Result<()> {
     let mut data = Vec::new();
-    dtype::encode_f64(dtype, values, &mut data);
-    let entry =
-        safetensors::TensorEntry { name: name.to_string(), dtype, shape: shape.to_vec(), begin: 0, end: data.len() };
-    let mut bytes = safetensors::write_header(Some(metadata), &[entry]);
+    let mut entries = Vec::with_capacity(tensors.len());
+    for (name, values, shape) in tensors {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "tensor `{name}`: values match the shape");
+        let begin = data.len();
+        dtype::encode_f64(dtype, values, &mut data);
+        entries.push(safetensors::TensorEntry {
+            name: name.to_string(),
+            dtype,
+            shape: shape.clone(),
+            begin,
+            end: data.len(),
+        });
+    }
+    let mut bytes = safetensors::write_header(Some(metadata), &entries);
     bytes.extend_from_slice(&data);
     std::fs::write(path, bytes)
 }
@@ -438,6 +478,34 @@ fn write_tensor(
 pub fn write(path: &Path, values: &[f64], dtype: Dtype, metadata: &Map<String, Value>) -> std::io::Result<()> {
     assert!(matches!(dtype, Dtype::F32 | Dtype::F64), "direction files hold F32 or F64");
     write_tensor(path, TENSOR, values, &[values.len()], dtype, metadata)
+}
+
+/// The shape of tensor `name` in a safetensors file (None if absent), read from its header alone.
+pub fn tensor_shape(path: &Path, name: &str) -> Result<Option<Vec<usize>>> {
+    let (_, header) = read_file(path)?;
+    Ok(header.tensors.iter().find(|t| t.name == name).map(|t| t.shape.clone()))
+}
+
+/// A tensor read whole: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f64>);
+
+/// Every tensor of a safetensors file with its shape and values (float types only), in file order.
+pub fn read_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
+    let (bytes, header) = read_file(path)?;
+    let start = header.data_start();
+    let mut out = Vec::new();
+    for t in &header.tensors {
+        if !matches!(t.dtype, Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16) {
+            return Err(DirectionError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!("tensor `{}` has dtype {}; a float type expected", t.name, t.dtype),
+            });
+        }
+        let mut v = vec![0f64; t.numel()];
+        dtype::decode_f64(t.dtype, &bytes[start + t.begin..start + t.end], &mut v);
+        out.push((t.name.clone(), t.shape.clone(), v));
+    }
+    Ok(out)
 }
 
 /// Lowercase hex sha256 of a byte slice.

@@ -6,6 +6,13 @@
 //! in increasing `i`, from exact decodes; then `W'[o, i, j] = W[o, i, j] − s · (u_i c_q)` is formed in
 //! f64 and rounded once to the stored dtype (bf16/f16 round to nearest even, directly from f64).
 //!
+//! Variants (docs/variants.md) generalize this without changing a bit of it: a subspace of `k`
+//! orthonormal vectors `u_0..u_{k-1}` has one projection `c_{m,q}` per vector (each summed the same
+//! way; stored plane by plane, `c[m * columns + q]`), and the rewrite is
+//! `W' = f_q · (W − s · Σ_m u_{m,i} c_{m,q})`, the sum over `m` in increasing order starting from the
+//! `m = 0` product, with `f_q = 1` except for norm-preserving edits ([`norm_factors`]). For `k = 1` and
+//! `f = 1` this is the formula above, on the same fast path.
+//!
 //! The tensor is processed in chunks of whole rows `(o, i)` (a row holds `inner` elements), so
 //! memory never holds a whole tensor. Every sum has a fixed order that depends neither on the
 //! chunking nor on the thread count: each `c_q` is summed by one task, over `i` in order, across
@@ -363,6 +370,135 @@ fn accumulate_rows<E: Elem>(
     }
 }
 
+/// [`accumulate`] for a subspace: `units` holds `k` vectors (`[k, d]` row-major) and `c` one plane of
+/// [`View::columns`] projections per vector (`c[m * columns + q]`); `sq` is summed once.
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_k(
+    dtype: Dtype,
+    view: View,
+    rows: Range<usize>,
+    bytes: &[u8],
+    units: &[f64],
+    c: &mut [f64],
+    mut sq: Option<&mut [f64]>,
+) {
+    let k = units.len() / view.d;
+    assert_eq!(units.len(), k * view.d, "accumulate_k: units are [k, d]");
+    assert_eq!(c.len(), k * view.columns(), "accumulate_k: one plane of c per vector");
+    for (m, (u, c_m)) in units.chunks_exact(view.d).zip(c.chunks_exact_mut(view.columns())).enumerate() {
+        let sq_m = if m == 0 { sq.as_deref_mut() } else { None };
+        accumulate(dtype, view, rows.clone(), bytes, u, c_m, sq_m);
+    }
+}
+
+/// Norm-preserving edits (docs/variants.md): the factor `f_q` that restores the norm of every column
+/// `q` of the view (the vector the writer adds to the residual stream per unit of its input: a column
+/// of a weight `[d, k]`, a row of an embedding, a bias). With `n_q = ||w_q||²` (`sq`, summed in
+/// increasing `i`) and `P = I − s V Vᵀ`, `||P w_q||² = n_q − (2s − s²) Σ_m c_{m,q}²` (the sum over `m`
+/// in order) and `f_q = sqrt(n_q / ||P w_q||²)`. Where nothing meaningful is left to rescale
+/// (`||P w_q||² <= 2^-32 n_q`, i.e. the column lay within 2^-16 of the subspace, or `n_q = 0`),
+/// `f_q = 1`.
+pub fn norm_factors(sq: &[f64], c: &[f64], scale: f64) -> Vec<f64> {
+    let cols = sq.len();
+    let k = c.len() / cols.max(1);
+    assert_eq!(c.len(), k * cols, "norm_factors: one plane of c per vector");
+    let t = 2.0 * scale - scale * scale;
+    (0..cols)
+        .map(|q| {
+            let n = sq[q];
+            let mut cc = c[q] * c[q];
+            for m in 1..k {
+                let v = c[m * cols + q];
+                cc += v * v;
+            }
+            let p = n - t * cc;
+            if n > 0.0 && p > n * TINY_REMAINDER { (n / p).sqrt() } else { 1.0 }
+        })
+        .collect()
+}
+
+/// `2^-32`: below this fraction of its squared norm, what is left of a column is not rescaled.
+const TINY_REMAINDER: f64 = 2.3283064365386963e-10;
+
+/// [`rewrite`] for every variant: `k` vectors `units` (`[k, d]`), planes `c` (`[k, columns]`) and
+/// optional per-column factors `factor` (norm-preserving edits). Takes the fast path of [`rewrite`]
+/// when `k = 1` and there are no factors (the same bits either way).
+#[allow(clippy::too_many_arguments)]
+pub fn rewrite_k(
+    dtype: Dtype,
+    view: View,
+    rows: Range<usize>,
+    input: &[u8],
+    units: &[f64],
+    c: &[f64],
+    scale: f64,
+    factor: Option<&[f64]>,
+    output: &mut [u8],
+) -> f64 {
+    let k = units.len() / view.d;
+    assert_eq!(units.len(), k * view.d, "rewrite_k: units are [k, d]");
+    assert_eq!(c.len(), k * view.columns(), "rewrite_k: one plane of c per vector");
+    if let Some(f) = factor {
+        assert_eq!(f.len(), view.columns(), "rewrite_k: one factor per column");
+    }
+    if k == 1 && factor.is_none() {
+        return rewrite(dtype, view, rows, input, units, c, scale, output);
+    }
+    dispatch!(dtype, rewrite_general::<E>(view, rows, input, units, c, scale, factor, output))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rewrite_general<E: Elem>(
+    view: View,
+    rows: Range<usize>,
+    input: &[u8],
+    units: &[f64],
+    c: &[f64],
+    scale: f64,
+    factor: Option<&[f64]>,
+    output: &mut [u8],
+) -> f64 {
+    assert_eq!(input.len(), rows.len() * view.inner * E::SIZE, "rewrite: input must hold exactly `rows`");
+    assert_eq!(output.len(), input.len(), "rewrite: output and input have the same length");
+    let (d, cols) = (view.d, view.columns());
+    let k = units.len() / d;
+    let row_bytes = view.inner * E::SIZE;
+    if row_bytes == 0 {
+        return 0.0;
+    }
+    let rows_per_task = (REWRITE_BLOCK / view.inner.max(1)).max(1);
+    output
+        .par_chunks_mut(rows_per_task * row_bytes)
+        .zip(input.par_chunks(rows_per_task * row_bytes))
+        .enumerate()
+        .map(|(t, (out, inp))| {
+            let mut max_change = 0f64;
+            for (n, (o_row, i_row)) in out.chunks_exact_mut(row_bytes).zip(inp.chunks_exact(row_bytes)).enumerate() {
+                let r = rows.start + t * rows_per_task + n;
+                let (o, i) = (r / d, r % d);
+                for (j, (ob, ib)) in o_row.chunks_exact_mut(E::SIZE).zip(i_row.chunks_exact(E::SIZE)).enumerate() {
+                    let q = o * view.inner + j;
+                    let w = E::load(ib);
+                    let mut acc = units[i] * c[q];
+                    for m in 1..k {
+                        acc += units[m * d + i] * c[m * cols + q];
+                    }
+                    let mut v = w - scale * acc;
+                    if let Some(f) = factor {
+                        v *= f[q];
+                    }
+                    E::store(v, ob);
+                    let change = (E::load(ob) - w).abs();
+                    if change > max_change {
+                        max_change = change;
+                    }
+                }
+            }
+            max_change
+        })
+        .reduce(|| 0.0, f64::max)
+}
+
 /// Rewrites rows `rows` (stored bytes `input`) into `output` (same length):
 /// `W' = W − scale · (u_i c_q)`, formed in f64 and rounded once to `dtype`.
 /// Returns `max |W'_stored − W|` over these rows.
@@ -537,6 +673,51 @@ mod tests {
         let mut c = vec![0f64; view.columns()];
         accumulate(Dtype::BF16, view, 0..view.rows(), &bytes, &u, &mut c, None);
         assert_eq!(c, naive_c(view, &dec(Dtype::BF16, &bytes), &u));
+    }
+
+    #[test]
+    fn variants_do_not_depend_on_chunks_or_threads_and_k1_keeps_the_fast_path() {
+        let view = View::new((2, 16, 24));
+        let w: Vec<f64> = (0..view.rows() * view.inner).map(|k| ((k * 7919 % 1013) as f64 - 500.0) / 97.0).collect();
+        let bytes = enc(Dtype::BF16, &w);
+        let u1 = unit_of(&(0..16).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>());
+        let u2 = unit_of(&(0..16).map(|i| (i as f64 * 0.11).cos() - 0.3).collect::<Vec<_>>());
+        // Make u2 orthogonal to u1 so that the two form a basis.
+        let h: f64 = u1.iter().zip(&u2).map(|(a, b)| a * b).sum();
+        let u2 = unit_of(&u2.iter().zip(&u1).map(|(b, a)| b - h * a).collect::<Vec<_>>());
+        let units: Vec<f64> = u1.iter().chain(&u2).copied().collect();
+        let edit = |rows_per: usize, threads: usize, units: &[f64], np: bool| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let row_bytes = view.inner * 2;
+                let k = units.len() / view.d;
+                let mut c = vec![0f64; k * view.columns()];
+                let mut sq = vec![0f64; view.columns()];
+                for r0 in (0..view.rows()).step_by(rows_per) {
+                    let r = r0..(r0 + rows_per).min(view.rows());
+                    let b = &bytes[r.start * row_bytes..r.end * row_bytes];
+                    accumulate_k(Dtype::BF16, view, r, b, units, &mut c, Some(&mut sq));
+                }
+                let f = np.then(|| norm_factors(&sq, &c, 0.8));
+                let mut out = vec![0u8; bytes.len()];
+                for r0 in (0..view.rows()).step_by(rows_per + 2) {
+                    let r = r0..(r0 + rows_per + 2).min(view.rows());
+                    let span = r.start * row_bytes..r.end * row_bytes;
+                    rewrite_k(Dtype::BF16, view, r, &bytes[span.clone()], units, &c, 0.8, f.as_deref(), &mut out[span]);
+                }
+                out
+            })
+        };
+        for np in [false, true] {
+            assert_eq!(edit(5, 1, &units, np), edit(32, 2, &units, np), "np {np}");
+        }
+        // k = 1 without factors takes the fast path; the general path gives the same bits.
+        let fast = edit(5, 2, &u1, false);
+        let mut c = vec![0f64; view.columns()];
+        accumulate(Dtype::BF16, view, 0..view.rows(), &bytes, &u1, &mut c, None);
+        let mut general = vec![0u8; bytes.len()];
+        rewrite_general::<Bf16>(view, 0..view.rows(), &bytes, &u1, &c, 0.8, None, &mut general);
+        assert_eq!(fast, general);
     }
 
     /// Random tensors: a view, values of moderate range, and a direction.

@@ -7,6 +7,7 @@
 //! never opens an input file for writing.
 
 pub mod kernel;
+pub mod layer_kernel;
 pub mod manifest;
 pub mod output;
 pub mod plan;
@@ -14,14 +15,15 @@ pub mod write;
 
 use std::path::PathBuf;
 
-pub use direction::{Direction, DirectionError};
+pub use direction::{Basis, Direction, DirectionError, Directions};
+pub use layer_kernel::{LayerKernel, Profile, Tent};
 pub use manifest::{FileRecord, Ledger, Report};
-pub use output::OutputTarget;
+pub use output::{OutputTarget, TempDir};
 pub use plan::{
-    Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, exact_pattern, plan,
+    Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, WriteOp, exact_pattern, plan,
     unknown_tensors,
 };
-pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write};
+pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write, write_directions};
 
 /// Everything that can go wrong in an edit. Messages are lowercase and name the thing.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,8 @@ pub enum Error {
          embedding, untied)"
     )]
     KeepTieStoredHead { name: String },
+    #[error("{spec}: {problem}")]
+    Kernel { spec: String, problem: String },
     #[error("--scale {0} is not a finite number")]
     Scale(f64),
     #[error("output `{}` is the model directory itself; the input is never modified, so choose another -o", out.display())]

@@ -9,8 +9,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::Direction;
 use crate::plan::Plan;
+use crate::{Direction, Directions};
 
 /// One file of the input or the output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +34,14 @@ pub struct Ledger {
     pub shape: Vec<usize>,
     /// `r`, or the post-norm whose gain weights the direction.
     pub against: String,
+    /// The scale applied (`--scale` times the layer kernel's weight).
     pub scale: f64,
+    /// The layer kernel's weight.
+    pub weight: f64,
+    /// Vectors in the basis removed (1: one direction).
+    pub k: usize,
+    /// Norm-preserving edits: `max_q | ||w'_q|| / ||w_q|| − 1 |` over the columns, as stored.
+    pub norm_drift: Option<f64>,
     /// `|uᵀW|`: 2-norm of the projection of the original tensor.
     pub proj_before: f64,
     /// `|uᵀW'|` of the stored (rounded) edited tensor.
@@ -66,6 +73,9 @@ impl Ledger {
             "shape": self.shape,
             "against": self.against,
             "scale": self.scale,
+            "weight": self.weight,
+            "k": self.k,
+            "norm_drift": self.norm_drift,
             "proj_before": self.proj_before,
             "proj_after": self.proj_after,
             "ratio": self.ratio(),
@@ -111,6 +121,8 @@ pub fn options_json(plan: &Plan) -> Value {
         "skip_embeddings": o.skip_embeddings,
         "exclude": o.exclude,
         "keep_tie": o.keep_tie,
+        "norm_preserving": o.norm_preserving,
+        "kernel": (!o.kernel.is_identity()).then(|| o.kernel.to_json()),
     })
 }
 
@@ -130,6 +142,7 @@ pub fn plan_json(plan: &Plan) -> Value {
             "bytes": e.bytes,
             "against": e.against.label(),
             "scale": e.scale,
+            "weight": e.weight,
         })).collect::<Vec<_>>(),
         "edited_bytes": plan.edit_bytes(),
         "added": plan.added.iter().map(|a| json!({
@@ -156,9 +169,26 @@ pub fn direction_json(direction: &Direction) -> Value {
     })
 }
 
+/// What the edit removed: the direction (as [`direction_json`]) for one vector; for a subspace or
+/// per-layer directions the file, its layout, `k` and every layer's basis size.
+pub fn directions_json(d: &Directions) -> Value {
+    if let Some(single) = &d.single {
+        return direction_json(single);
+    }
+    json!({
+        "file": d.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "sha256": d.sha256,
+        "layout": d.layout.label(),
+        "k": d.k(),
+        "dtype": d.dtype.as_str(),
+        "length": d.for_layer(None).d(),
+        "metadata": Value::Object(d.metadata.clone()),
+    })
+}
+
 pub(crate) struct ManifestParts<'a> {
     pub plan: &'a Plan,
-    pub direction: &'a Direction,
+    pub direction: &'a Directions,
     pub model: &'a str,
     pub ledger: &'a [Ledger],
     pub inputs: &'a [FileRecord],
@@ -175,7 +205,7 @@ pub(crate) fn build(p: ManifestParts<'_>) -> Value {
     m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     m.insert("method".into(), json!("weight orthogonalization, docs/method.md §6"));
     m.insert("model".into(), json!(p.model));
-    m.insert("direction".into(), direction_json(p.direction));
+    m.insert("direction".into(), directions_json(p.direction));
     m.insert("options".into(), options_json(p.plan));
     m.insert("tie".into(), json!(p.plan.tie.label()));
     m.insert("tie_note".into(), json!(p.plan.tie_note()));

@@ -66,7 +66,7 @@ impl OutputTarget {
     }
 
     /// Creates the temporary directory beside OUT (and OUT's missing parents).
-    pub(crate) fn create_temp(&self) -> Result<TempDir> {
+    pub fn create_temp(&self) -> Result<TempDir> {
         let parent = self.parent();
         let not_writable = |source: io::Error| {
             if is_permission(&source) {
@@ -93,7 +93,7 @@ impl OutputTarget {
 
     /// Moves a complete temporary directory into place (replacing OUT if it exists, as --force
     /// allowed), and makes the rename durable.
-    pub(crate) fn commit(&self, mut temp: TempDir) -> Result<()> {
+    pub fn commit(&self, mut temp: TempDir) -> Result<()> {
         let parent = self.parent();
         let tmp = temp.path().to_path_buf();
         let io = |path: &Path| {
@@ -127,12 +127,12 @@ impl OutputTarget {
 }
 
 /// A temporary output directory, removed on drop unless committed.
-pub(crate) struct TempDir {
+pub struct TempDir {
     path: Option<PathBuf>,
 }
 
 impl TempDir {
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.path.as_deref().expect("a TempDir has a path until committed")
     }
 }

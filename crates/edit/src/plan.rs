@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use checkpoint::{Checkpoint, Dtype, Family, Head, Role, Site, TensorRef, Writer, WriterKind};
 
-use crate::{Direction, Error, Result};
+use direction::{Basis, Directions};
+
+use crate::layer_kernel::LayerKernel;
+use crate::{Error, Result};
 
 /// What the user asked for. `Default` is the paper's edit: every writer, scale 1, untie.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,11 +33,24 @@ pub struct Options {
     /// With tied embeddings, keep the tie (the edit then also changes the unembedding) instead of
     /// writing the original embedding as an untied `lm_head.weight` (method.md §6, tied embeddings).
     pub keep_tie: bool,
+    /// After removing the direction, restore the norm of every vector a writer adds to the residual
+    /// stream (every column of the writer view; docs/variants.md, norm-preserving edits).
+    pub norm_preserving: bool,
+    /// A weight per layer and writer kind, multiplying `scale` (docs/variants.md, layer kernels).
+    pub kernel: LayerKernel,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { scale: 1.0, layers: None, skip_embeddings: false, exclude: Vec::new(), keep_tie: false }
+        Options {
+            scale: 1.0,
+            layers: None,
+            skip_embeddings: false,
+            exclude: Vec::new(),
+            keep_tie: false,
+            norm_preserving: false,
+            kernel: LayerKernel::default(),
+        }
     }
 }
 
@@ -134,7 +150,10 @@ pub struct TensorEdit {
     pub shape: Vec<usize>,
     pub bytes: u64,
     pub against: Against,
+    /// The scale actually applied: `Options::scale` times [`TensorEdit::weight`].
     pub scale: f64,
+    /// The layer kernel's weight of this writer (1 without a kernel).
+    pub weight: f64,
 }
 
 impl TensorEdit {
@@ -169,6 +188,8 @@ pub enum ExcludeReason {
     Layers,
     /// The embedding, with `--skip-embeddings`.
     SkipEmbeddings,
+    /// The layer kernel gives this writer weight 0.
+    ZeroWeight,
 }
 
 impl fmt::Display for ExcludeReason {
@@ -177,6 +198,7 @@ impl fmt::Display for ExcludeReason {
             ExcludeReason::Pattern(p) => write!(f, "--exclude `{p}`"),
             ExcludeReason::Layers => f.write_str("--layers"),
             ExcludeReason::SkipEmbeddings => f.write_str("--skip-embeddings"),
+            ExcludeReason::ZeroWeight => f.write_str("layer kernel weight 0"),
         }
     }
 }
@@ -296,34 +318,42 @@ impl Plan {
         out
     }
 
-    /// The unit vector of every edit, in `edits` order: `r̂` (one shared allocation), or for
-    /// Gemma 2/3 post-norm writers the layer's gain-weighted `ŝ`. Reads only the post-norm gains.
-    /// A gain-weighted direction that is exactly zero (`g ⊙ r̂ = 0`) is returned as zeros: the write
-    /// is already orthogonal and the kernel then leaves the tensor bit for bit unchanged.
-    pub fn units(&self, ckpt: &Checkpoint, direction: &Direction) -> Result<Vec<Arc<[f64]>>> {
+    /// The basis of every edit, in `edits` order: the one `directions` gives its layer (one shared
+    /// allocation per distinct basis), or for Gemma 2/3 post-norm writers the gain-weighted one. Reads
+    /// only the post-norm gains. A gain-weighted basis that vanishes (`g ⊙ v = 0` for every vector) is
+    /// one zero vector: the write is already orthogonal and the kernel leaves the tensor bit for bit
+    /// unchanged.
+    pub fn bases(&self, ckpt: &Checkpoint, directions: &Directions) -> Result<Vec<Arc<Basis>>> {
         let d = ckpt.config.hidden_size;
-        if direction.values.len() != d {
+        let n_layers = ckpt.config.num_hidden_layers;
+        if directions.for_layer(None).d() != d {
             return Err(Error::Direction(crate::DirectionError::Invalid {
-                path: direction.path.clone(),
+                path: directions.path.clone(),
                 problem: format!(
                     "`direction` has length {} but the model's hidden_size is {d}",
-                    direction.values.len()
+                    directions.for_layer(None).d()
                 ),
             }));
         }
-        let r_hat: Arc<[f64]> = direction.unit().into();
-        let mut gain_weighted: HashMap<(usize, usize), Arc<[f64]>> = HashMap::new();
+        if directions.layout == direction::Layout::PerLayer && directions.layers() != n_layers {
+            return Err(Error::Direction(crate::DirectionError::Invalid {
+                path: directions.path.clone(),
+                problem: format!("holds {} layers but the model has {n_layers}", directions.layers()),
+            }));
+        }
+        let mut gain_weighted: HashMap<(usize, usize, usize), Arc<Basis>> = HashMap::new();
         let mut out = Vec::with_capacity(self.edits.len());
         for e in &self.edits {
+            let basis = directions.for_layer(e.writer.layer);
             match &e.against {
-                Against::Direction => out.push(r_hat.clone()),
+                Against::Direction => out.push(basis.clone()),
                 Against::GainWeighted { norm_tensor, .. } => {
-                    let key = (norm_tensor.shard, norm_tensor.entry);
+                    let key = (norm_tensor.shard, norm_tensor.entry, Arc::as_ptr(basis) as usize);
                     if let Some(s) = gain_weighted.get(&key) {
                         out.push(s.clone());
                         continue;
                     }
-                    let s: Arc<[f64]> = ckpt.gain_weighted_unit(*norm_tensor, &r_hat)?.into();
+                    let s = Arc::new(gain_weighted_basis(ckpt, *norm_tensor, basis)?);
                     gain_weighted.insert(key, s.clone());
                     out.push(s);
                 }
@@ -331,6 +361,70 @@ impl Plan {
         }
         Ok(out)
     }
+}
+
+/// One edited write as the hooks see it (docs/variants.md, "Hooks"): the residual-stream write of a layer's
+/// attention or MLP (`site`), or the embedding (`layer` None: the residual entering layer 0), with the basis
+/// and scale its tensors were edited with. What `verify` projects at that site to reproduce the edit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOp {
+    pub layer: Option<usize>,
+    /// None for the embedding.
+    pub site: Option<Site>,
+    pub basis: Arc<Basis>,
+    pub scale: f64,
+    /// Norm-preserving edits: exact as a hook only for the embedding (each token's row is one written
+    /// vector); for weights the hook of the same name is not the edit (docs/variants.md).
+    pub norm_preserving: bool,
+}
+
+impl Plan {
+    /// The edit's writes, one per (layer, site), in plan order, from `bases` ([`Plan::bases`]). Tensors of
+    /// one site (a weight and its bias, the experts of a layer) share a basis and a scale by construction.
+    pub fn write_ops(&self, bases: &[Arc<Basis>]) -> Vec<WriteOp> {
+        let mut out: Vec<WriteOp> = Vec::new();
+        for (e, b) in self.edits.iter().zip(bases) {
+            let (layer, site) = (e.writer.layer, e.writer.site());
+            if out.iter().any(|o| o.layer == layer && o.site == site) {
+                continue;
+            }
+            out.push(WriteOp {
+                layer,
+                site,
+                basis: b.clone(),
+                scale: e.scale,
+                norm_preserving: self.options.norm_preserving,
+            });
+        }
+        out
+    }
+}
+
+/// The gain-weighted basis of a post-norm writer: an orthonormal basis of `{g ⊙ v_m}` (MGS2, in order;
+/// for one vector exactly `ŝ` below), dropping a vector the gain maps into the span of the others.
+fn gain_weighted_basis(ckpt: &Checkpoint, norm: TensorRef, basis: &Basis) -> Result<Basis> {
+    let d = basis.d();
+    if basis.k() == 1 {
+        // One vector: exactly ŝ as method.md §6 computes it (zeros where g ⊙ r̂ = 0).
+        return Ok(Basis::from_orthonormal(d, ckpt.gain_weighted_unit(norm, basis.vector(0))?));
+    }
+    let mut kept: Vec<Vec<f64>> = Vec::new();
+    for v in basis.vectors() {
+        let s = ckpt.gain_weighted_unit(norm, v)?;
+        if s.iter().all(|x| *x == 0.0) {
+            continue;
+        }
+        let mut candidate: Vec<&[f64]> = kept.iter().map(Vec::as_slice).collect();
+        candidate.push(&s);
+        if Basis::orthonormalize(&candidate).is_ok() {
+            kept.push(s);
+        }
+    }
+    if kept.is_empty() {
+        return Ok(Basis::from_orthonormal(d, vec![0.0; d]));
+    }
+    let rows: Vec<&[f64]> = kept.iter().map(Vec::as_slice).collect();
+    Ok(Basis::orthonormalize(&rows).expect("the kept vectors were checked independent one by one"))
 }
 
 /// The LM head name that unties a given embedding name.
@@ -390,6 +484,14 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
     if !opts.scale.is_finite() {
         return Err(Error::Scale(opts.scale));
     }
+    if let Some(crate::layer_kernel::Profile::Table(w)) = opts.kernel.attn.as_ref().or(opts.kernel.mlp.as_ref())
+        && w.len() != ckpt.config.num_hidden_layers
+    {
+        return Err(Error::Kernel {
+            spec: "layer kernel table".into(),
+            problem: format!("has {} weights but the model has {} layers", w.len(), ckpt.config.num_hidden_layers),
+        });
+    }
     let n_layers = ckpt.config.num_hidden_layers;
     if let Some(ls) = &opts.layers
         && ls.max() >= n_layers
@@ -448,6 +550,8 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
             unchanged_bytes += t.nbytes() as u64;
             continue;
         };
+        let weight = opts.kernel.weight(w);
+        let reason = reason.or((weight == 0.0).then_some(ExcludeReason::ZeroWeight));
         if let Some(reason) = reason {
             excluded.push(Excluded { name: t.name.clone(), file, role: *role, reason });
             unchanged += 1;
@@ -485,7 +589,8 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
             shape: t.shape.clone(),
             bytes: t.nbytes() as u64,
             against,
-            scale: opts.scale,
+            scale: opts.scale * weight,
+            weight,
         });
     }
 

@@ -31,7 +31,7 @@ use crate::kernel::{self, View};
 use crate::manifest::{self, FileRecord, Ledger, ManifestParts, Report};
 use crate::output::OutputTarget;
 use crate::plan::{Plan, Tie};
-use crate::{Direction, Error, Result};
+use crate::{Basis, Direction, Directions, Error, Result};
 use direction::hex;
 
 /// Bytes per chunk of input read or output handed to the writer.
@@ -210,7 +210,20 @@ pub fn write(
     opts: &WriteOptions,
     progress: &dyn Progress,
 ) -> Result<Report> {
-    write_with(ckpt, plan, direction, out, opts, progress, &create_file)
+    let directions = Directions::single(direction.clone(), ckpt.config.num_hidden_layers);
+    write_with(ckpt, plan, &directions, out, opts, progress, &create_file)
+}
+
+/// [`write`] for any [`Directions`]: a subspace, or one basis per layer (docs/variants.md).
+pub fn write_directions(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    directions: &Directions,
+    out: &Path,
+    opts: &WriteOptions,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    write_with(ckpt, plan, directions, out, opts, progress, &create_file)
 }
 
 /// A file of the model directory other than the weights, and whether it is carried over.
@@ -235,7 +248,7 @@ fn rel_string(rel: &Path) -> String {
 struct Ctx<'a> {
     ckpt: &'a Checkpoint,
     plan: &'a Plan,
-    units: Vec<Arc<[f64]>>,
+    units: Vec<Arc<Basis>>,
     inputs: Vec<File>,
     create: &'a Create,
     progress: &'a dyn Progress,
@@ -581,12 +594,15 @@ fn hash_range(ctx: &Ctx, shard: usize, range: std::ops::Range<u64>, sinks: &Sink
     Ok(())
 }
 
-/// Two passes over one tensor, chunk by chunk: the projection `c` (and `||W||_F`) while the
-/// input bytes go to the input hasher, then the rewrite, whose stored bytes give `|uᵀW'|`
-/// before they go to the writer.
+/// Two passes over one tensor, chunk by chunk: the projections `c` (and `||W||_F`, and every
+/// column's norm) while the input bytes go to the input hasher, then the rewrite, whose stored bytes
+/// give `|VᵀW'|` (and, for norm-preserving edits, the columns' norms) before they go to the writer.
 fn edit_tensor(ctx: &Ctx, i: usize, sinks: &Sinks, pool: &Pool) -> Result<Sent<Ledger>> {
     let e = &ctx.plan.edits[i];
-    let unit = &ctx.units[i];
+    let basis = &ctx.units[i];
+    let unit = basis.as_slice();
+    let k = basis.k();
+    let norm_preserving = ctx.plan.options.norm_preserving;
     let t = ctx.ckpt.entry(e.tensor);
     let shard = e.tensor.shard;
     let size = t.dtype.float_size().expect("plan() edits only float tensors");
@@ -599,29 +615,42 @@ fn edit_tensor(ctx: &Ctx, i: usize, sinks: &Sinks, pool: &Pool) -> Result<Sent<L
         let off = start + (rows.start * row_bytes) as u64;
         ctx.inputs[shard].read_exact_at(buf, off).map_err(|e| ctx.read_error(shard, e))
     };
-    let mut c = vec![0f64; view.columns()];
+    let mut c = vec![0f64; k * view.columns()];
     let mut sq = vec![0f64; view.columns()];
     for rows in chunks() {
         let mut buf = pool.take(rows.len() * row_bytes);
         read(&rows, &mut buf)?;
-        kernel::accumulate(t.dtype, view, rows, &buf, unit, &mut c, Some(&mut sq));
+        kernel::accumulate_k(t.dtype, view, rows, &buf, unit, &mut c, Some(&mut sq));
         sinks.hash(&Arc::new(buf));
     }
-    let mut c_after = vec![0f64; view.columns()];
+    let factor = norm_preserving.then(|| kernel::norm_factors(&sq, &c, e.scale));
+    let mut c_after = vec![0f64; k * view.columns()];
+    let mut sq_after = norm_preserving.then(|| vec![0f64; view.columns()]);
     let mut max_change = 0f64;
     let mut input = Vec::new();
     for rows in chunks() {
         input.resize(rows.len() * row_bytes, 0);
         read(&rows, &mut input)?;
         let mut out = pool.take(input.len());
-        let m = kernel::rewrite(t.dtype, view, rows.clone(), &input, unit, &c, e.scale, &mut out);
+        let m = kernel::rewrite_k(t.dtype, view, rows.clone(), &input, unit, &c, e.scale, factor.as_deref(), &mut out);
         max_change = max_change.max(m);
-        kernel::accumulate(t.dtype, view, rows, &out, unit, &mut c_after, None);
+        kernel::accumulate_k(t.dtype, view, rows, &out, unit, &mut c_after, sq_after.as_deref_mut());
         if let Err(g) = sinks.write(&Arc::new(out)) {
             return Ok(Err(g));
         }
     }
-    Ok(Ok(ledger_entry(e, t.dtype, &c, &c_after, &sq, max_change)))
+    // Norm-preserving edits: the largest relative change of a column's norm, as stored.
+    let norm_drift = sq_after.map(|after| {
+        sq.iter()
+            .zip(&after)
+            .filter(|(b, _)| **b > 0.0)
+            .map(|(b, a)| (a.sqrt() / b.sqrt() - 1.0).abs())
+            .fold(0.0, f64::max)
+    });
+    let mut ledger = ledger_entry(e, t.dtype, &c, &c_after, &sq, max_change);
+    ledger.k = k;
+    ledger.norm_drift = norm_drift;
+    Ok(Ok(ledger))
 }
 
 fn ledger_entry(
@@ -642,6 +671,9 @@ fn ledger_entry(
         shape: e.shape.clone(),
         against: e.against.label(),
         scale: e.scale,
+        weight: e.weight,
+        k: 1,
+        norm_drift: None,
         proj_before: kernel::norm(c),
         proj_after: kernel::norm(c_after),
         frobenius: sq.iter().sum::<f64>().sqrt(),
@@ -689,13 +721,13 @@ fn updated_index(index: &Map<String, Value>, plan: &Plan) -> Vec<u8> {
 pub(crate) fn write_with(
     ckpt: &Checkpoint,
     plan: &Plan,
-    direction: &Direction,
+    direction: &Directions,
     out: &Path,
     opts: &WriteOptions,
     progress: &dyn Progress,
     create: &Create,
 ) -> Result<Report> {
-    let units = plan.units(ckpt, direction)?;
+    let units = plan.bases(ckpt, direction)?;
     let others: Vec<OtherFile> = ckpt
         .other_files()?
         .into_iter()
@@ -885,8 +917,16 @@ mod tests {
         let out = tmp.path().join("out");
         let before = testutil::synth::hash_dir(&model);
         for budget in [0u64, 100, 20_000] {
-            let e = write_with(&ckpt, &plan, &dir, &out, &WriteOptions::default(), &NoProgress, &full_disk(budget))
-                .unwrap_err();
+            let e = write_with(
+                &ckpt,
+                &plan,
+                &Directions::from(dir.clone()),
+                &out,
+                &WriteOptions::default(),
+                &NoProgress,
+                &full_disk(budget),
+            )
+            .unwrap_err();
             let msg = e.to_string();
             assert!(msg.starts_with("disk full while writing `model.safetensors` (the edited model needs "), "{msg}");
             assert!(msg.ends_with(&format!(

@@ -96,6 +96,10 @@ impl Hook for Chain<'_> {
 enum Op {
     /// `x ← x − s (x·r̂) r̂`.
     Project { unit: Vec<f32>, scale: f32 },
+    /// `x ← x − s Σ_m (x·v_m) v_m` for orthonormal `v_m` (`basis` is `[k, hidden]`), every coefficient
+    /// taken from `x` before any is subtracted; with `keep_norm`, then `x ← (||x_before|| / ||x||) x`
+    /// (docs/variants.md: the hook side of subspace and norm-preserving edits).
+    ProjectBasis { basis: Vec<f32>, k: usize, scale: f32, keep_norm: bool },
     /// `x ← x + v` (v already `coeff * r` in f32).
     Add { vector: Vec<f32> },
 }
@@ -146,6 +150,36 @@ impl Interventions {
         Ok(self)
     }
 
+    /// Removes `scale` times the component in the span of an orthonormal basis (`basis`, `[k, hidden]`
+    /// row-major, as `direction::Basis` holds it) at one site: `x ← x − scale V Vᵀ x`, coefficients in
+    /// f64, rounded to f32 once. With `keep_norm`, each row then gets its norm back (`x ← ||x₀|| x/||x||`,
+    /// in f64; a row left with at most 2^-16 of its norm is not rescaled, as the edit does). This is the
+    /// hook side of every edit variant at the writes it edits (docs/variants.md): for `k = 1`,
+    /// `keep_norm = false` it is [`Interventions::project`] with an exact unit vector.
+    pub fn project_basis(
+        &mut self,
+        layer: usize,
+        site: Site,
+        basis: &[f64],
+        scale: f64,
+        keep_norm: bool,
+    ) -> Result<&mut Self> {
+        let d = self.hidden;
+        if basis.is_empty() || !basis.len().is_multiple_of(d) {
+            return Err(ModelError::Hook(format!(
+                "subspace projection: the basis has {} values, not k vectors of the model's hidden size {d}",
+                basis.len()
+            )));
+        }
+        for v in basis.chunks_exact(d) {
+            self.check(layer, v, "subspace projection")?;
+        }
+        let k = basis.len() / d;
+        let basis = basis.iter().map(|v| *v as f32).collect();
+        self.ops[layer][site.index()].push(Op::ProjectBasis { basis, k, scale: scale as f32, keep_norm });
+        Ok(self)
+    }
+
     /// Adds `coeff * vector` at one site (method.md §7 activation addition uses the raw direction at
     /// [`Site::Input`]). The product is formed in f32, as torch does with an f32 activation.
     pub fn add(&mut self, layer: usize, site: Site, vector: &[f64], coeff: f64) -> Result<&mut Self> {
@@ -189,6 +223,37 @@ fn project_row(x: &mut [f32], unit: &[f32], scale: f32) {
     }
 }
 
+/// [`Op::ProjectBasis`] on one row.
+fn project_basis_row(x: &mut [f32], basis: &[f32], k: usize, scale: f32, keep_norm: bool) {
+    let d = x.len();
+    let before: f64 = if keep_norm { x.iter().map(|a| *a as f64 * *a as f64).sum() } else { 0.0 };
+    let mut c = [0f32; 8];
+    let mut c_heap = Vec::new();
+    let c: &mut [f32] = if k <= c.len() {
+        &mut c[..k]
+    } else {
+        c_heap.resize(k, 0f32);
+        &mut c_heap
+    };
+    for (m, v) in basis.chunks_exact(d).enumerate() {
+        let dot: f64 = x.iter().zip(v).map(|(a, b)| *a as f64 * *b as f64).sum();
+        c[m] = scale * dot as f32;
+    }
+    for (m, v) in basis.chunks_exact(d).enumerate() {
+        for (a, u) in x.iter_mut().zip(v) {
+            *a -= c[m] * u;
+        }
+    }
+    if keep_norm {
+        let after: f64 = x.iter().map(|a| *a as f64 * *a as f64).sum();
+        // The edit's threshold (edit::kernel::norm_factors): 2^-32 of the squared norm.
+        if before > 0.0 && after > before * 2.3283064365386963e-10 {
+            let f = (before / after).sqrt();
+            x.iter_mut().for_each(|a| *a = (*a as f64 * f) as f32);
+        }
+    }
+}
+
 impl Hook for Interventions {
     fn wants(&self, at: At) -> bool {
         self.ops.get(at.layer).is_some_and(|l| !l[at.site.index()].is_empty())
@@ -207,6 +272,9 @@ impl Hook for Interventions {
             for op in ops {
                 match op {
                     Op::Project { unit, scale } => project_row(row, unit, *scale),
+                    Op::ProjectBasis { basis, k, scale, keep_norm } => {
+                        project_basis_row(row, basis, *k, *scale, *keep_norm)
+                    }
                     Op::Add { vector } => {
                         for (a, v) in row.iter_mut().zip(vector) {
                             *a += v;
@@ -311,6 +379,29 @@ mod tests {
         let mut y = vec![0f32; 6];
         i.visit(At { layer: 0, site: Site::Input }, Acts { data: &mut y, hidden: 2, segments: &segs }).unwrap();
         assert_eq!(y, vec![2.0, -2.0, 2.0, -2.0, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn a_basis_projection_removes_the_subspace_and_can_keep_the_norm() {
+        // Basis e0, e1 of R^3; x = (3, 4, 12), |x| = 13.
+        let mut i = Interventions::new(1, 3);
+        i.project_basis(0, Site::Mlp, &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], 1.0, false).unwrap();
+        let segs = segs();
+        let mut x = vec![3.0f32, 4.0, 12.0, 3.0, 4.0, 12.0, 1.0, 1.0, 1.0];
+        i.visit(At { layer: 0, site: Site::Mlp }, Acts { data: &mut x, hidden: 3, segments: &segs }).unwrap();
+        assert_eq!(&x[..3], &[0.0, 0.0, 12.0]);
+        let mut i = Interventions::new(1, 3);
+        i.project_basis(0, Site::Mlp, &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], 0.5, true).unwrap();
+        let mut x = vec![3.0f32, 4.0, 12.0];
+        i.visit(At { layer: 0, site: Site::Mlp }, Acts { data: &mut x, hidden: 3, segments: &segs[..1] }).unwrap();
+        // (1.5, 2, 12) rescaled to norm 13.
+        let n = (1.5f64 * 1.5 + 4.0 + 144.0).sqrt();
+        let want = [1.5 * 13.0 / n, 2.0 * 13.0 / n, 12.0 * 13.0 / n];
+        for (a, b) in x.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{x:?} vs {want:?}");
+        }
+        let e = i.project_basis(0, Site::Mlp, &[1.0, 0.0], 1.0, false).err().unwrap().to_string();
+        assert_eq!(e, "subspace projection: the basis has 2 values, not k vectors of the model's hidden size 3");
     }
 
     #[test]

@@ -136,6 +136,11 @@ pub struct RowBlock<'a> {
     pub rows: usize,
 }
 
+/// Inner-dimension rows of a panel per `gemm` call (`[K_CHUNK, PANEL]` f32 is 512 KiB, so a widened chunk
+/// stays in L2). Every model up to 2048 wide runs one call per panel; wider ones accumulate chunks in
+/// order, at f32 and at stored width alike (so both widths still give the same bits).
+const K_CHUNK: usize = 2048;
+
 /// Input columns copied per step while packing: a `[PACK_COLS, PANEL]` block of the output stays in L1.
 const PACK_COLS: usize = 256;
 
@@ -206,24 +211,30 @@ impl Panels {
         let dst = &dst;
         match &self.store {
             Store::F32(data) => data.par_chunks(k * PANEL).enumerate().for_each(|(p, panel)| {
-                // SAFETY: see `panel_product`; panel `p` has k * PANEL values.
-                unsafe { panel_product(x, m, k, n, p, panel, dst) }
+                for c0 in (0..k).step_by(K_CHUNK) {
+                    let kc = K_CHUNK.min(k - c0);
+                    // SAFETY: see `panel_product`; the chunk has kc * PANEL values.
+                    unsafe { panel_product(x, m, k, n, p, c0, &panel[c0 * PANEL..(c0 + kc) * PANEL], dst) }
+                }
             }),
             Store::Bf16(data) | Store::F16(data) => {
                 let simd = Simd::detect();
                 let bf16 = matches!(self.store, Store::Bf16(_));
                 data.par_chunks(k * PANEL).enumerate().for_each(|(p, panel)| {
                     WIDE.with_borrow_mut(|wide| {
-                        wide.resize(k * PANEL, 0.0);
-                        if bf16 {
-                            dispatch!(simd, widen_bf16, widen_bf16_avx512, widen_bf16_avx2, (panel, wide));
-                        } else {
-                            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                            // Exact; F16C instructions where the CPU has them.
-                            panel.reinterpret_cast::<half::f16>().convert_to_f32_slice(wide);
+                        for c0 in (0..k).step_by(K_CHUNK) {
+                            let kc = K_CHUNK.min(k - c0);
+                            let (src, wide) = (&panel[c0 * PANEL..(c0 + kc) * PANEL], resize_wide(wide, kc * PANEL));
+                            if bf16 {
+                                dispatch!(simd, widen_bf16, widen_bf16_avx512, widen_bf16_avx2, (src, wide));
+                            } else {
+                                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                                // Exact; F16C instructions where the CPU has them.
+                                src.reinterpret_cast::<half::f16>().convert_to_f32_slice(wide);
+                            }
+                            // SAFETY: see `panel_product`; `wide` has kc * PANEL values.
+                            unsafe { panel_product(x, m, k, n, p, c0, wide, dst) }
                         }
-                        // SAFETY: see `panel_product`; `wide` has k * PANEL values.
-                        unsafe { panel_product(x, m, k, n, p, wide, dst) }
                     })
                 });
             }
@@ -270,6 +281,13 @@ thread_local! {
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+fn resize_wide(wide: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if wide.len() < n {
+        wide.resize(n, 0.0);
+    }
+    &mut wide[..n]
+}
+
 /// bf16 → f32 (exact: the bf16 bits are the f32's upper half).
 #[inline(always)]
 fn widen_bf16(src: &[u16], dst: &mut [f32]) {
@@ -279,33 +297,37 @@ fn widen_bf16(src: &[u16], dst: &mut [f32]) {
 }
 variants!(widen_bf16, widen_bf16_avx512, widen_bf16_avx2, (src: &[u16], dst: &mut [f32]));
 
-/// `y[:, p*PANEL ..][..width] = x · panel` for panel `p` (one single-threaded `gemm` call).
+/// Adds `x[:, c0..c0+kc] · chunk` to columns `p*PANEL ..` of `y` (assigns it for the first chunk,
+/// `c0 == 0`): one single-threaded `gemm` call on rows `c0..c0+kc` of panel `p`.
 ///
 /// # Safety
-/// `panel` holds `k * PANEL` values; `x` holds `m * k` and `dst` points to `m * n` values (row stride `n`).
-/// Each panel index writes only its own columns, so tasks for different `p` may run at once.
-unsafe fn panel_product(x: &[f32], m: usize, k: usize, n: usize, p: usize, panel: &[f32], dst: &SendPtr) {
+/// `chunk` holds `kc * PANEL` values with `c0 + kc <= k`; `x` holds `m * k` and `dst` points to `m * n`
+/// values (row stride `n`). Each panel index writes only its own columns, so tasks for different `p` may
+/// run at once; the chunks of one panel run in order.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(x: &[f32], m: usize, k: usize, n: usize, p: usize, c0: usize, chunk: &[f32], dst: &SendPtr) {
     let width = PANEL.min(n - p * PANEL);
-    debug_assert!(panel.len() >= k * PANEL && x.len() >= m * k);
+    let kc = chunk.len() / PANEL;
+    debug_assert!(c0 + kc <= k && x.len() >= m * k);
     // SAFETY: task `p` writes only columns p*PANEL .. p*PANEL+width of the m rows of `y` (row stride n),
-    // disjoint from every other task and inside `y`; it reads `x` (m×k, row stride k) and its own panel
-    // (k×PANEL, row stride PANEL, first `width` columns).
+    // disjoint from every other task and inside `y`; it reads columns c0..c0+kc of `x` (m×k, row stride
+    // k) and its own chunk (kc×PANEL, row stride PANEL, first `width` columns).
     unsafe {
         gemm::gemm(
             m,
             width,
-            k,
+            kc,
             dst.0.add(p * PANEL),
             1,
             n as isize,
-            false,
-            x.as_ptr(),
+            c0 > 0,
+            x.as_ptr().add(c0),
             1,
             k as isize,
-            panel.as_ptr(),
+            chunk.as_ptr(),
             1,
             PANEL as isize,
-            0.0f32,
+            1.0f32,
             1.0f32,
             false,
             false,
@@ -678,6 +700,40 @@ mod tests {
             assert!(diff < 1e-4, "({m}, {k}, {n}): {diff}");
             assert_eq!(run(2), one, "({m}, {k}, {n}): 2 threads");
             assert_eq!(run(3), one, "({m}, {k}, {n}): 3 threads");
+        }
+    }
+
+    /// Matrices held as bf16 or f16 give the same bits as the same values held as f32, also past one
+    /// `K_CHUNK` of inner dimension, stacked from blocks of different dtypes, and match a naive product.
+    #[test]
+    fn narrow_panels_give_the_same_bits_as_f32_panels() {
+        use checkpoint::Dtype;
+        fn block(bytes: &[u8], dtype: Dtype, rows: usize) -> RowBlock<'_> {
+            RowBlock { bytes, dtype, rows }
+        }
+        for (m, k, n) in [(1, 70, 3), (5, 2 * K_CHUNK + 100, 130), (40, 300, 64)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            // Values exact in both bf16 and f16: small integers over 256.
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729) % 255) as f32 / 256.0 - 0.5).collect();
+            let bf16: Vec<u8> = w.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+            let f16: Vec<u8> = w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect();
+            let f32s: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let product = |p: Panels| {
+                let mut y = vec![f32::NAN; m * n];
+                p.matmul(&x, m, &mut y);
+                y
+            };
+            let want = product(Panels::pack(&[block(&f32s, Dtype::F32, n)], k, Held::F32));
+            let diff = want.iter().zip(naive(&x, m, k, &w, n)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "({m}, {k}, {n}): {diff}");
+            assert_eq!(product(Panels::pack(&[block(&bf16, Dtype::BF16, n)], k, Held::Bf16)), want, "bf16");
+            assert_eq!(product(Panels::pack(&[block(&f16, Dtype::F16, n)], k, Held::F16)), want, "f16");
+            assert_eq!(product(Panels::pack(&[block(&bf16, Dtype::BF16, n)], k, Held::F32)), want, "bf16 as f32");
+            // Two blocks stacked (as q/k/v are), one stored as f16 and one as f32.
+            let split = n / 2;
+            let (a, b) = (&f16[..split * k * 2], &f32s[split * k * 4..]);
+            let stacked = [block(a, Dtype::F16, split), block(b, Dtype::F32, n - split)];
+            assert_eq!(product(Panels::pack(&stacked, k, Held::F32)), want, "stacked");
         }
     }
 

@@ -76,6 +76,9 @@ pub enum Caveat {
     GainWeighted { tensors: usize },
     /// Writers left unedited (`--exclude`, `--skip-embeddings` aside from the claim) that still write `r̂`.
     Excluded { tensors: Vec<String> },
+    /// An edit variant of issue 15 (norm-preserving writers, per-layer scales from a layer kernel, several
+    /// directions) whose hooks this check does not build: it compares with one projection per write.
+    Variant { what: String },
     /// The edited weights are rounded once to their stored dtype; the hooks project in f32. The difference
     /// is of the order of the dtype's unit roundoff, `2^-8` for bf16.
     Rounding { dtype: String, unit_roundoff: f64 },
@@ -97,6 +100,10 @@ impl Caveat {
                 "{} writer(s) left unedited still write r̂ where the hooks remove it: {}",
                 tensors.len(),
                 tensors.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
+            ),
+            Caveat::Variant { what } => format!(
+                "{what}: the hooks compared here are one projection of r̂ per edited write with one scale, which is \
+                 not this edit (docs/variants.md), so the difference is expected"
             ),
             Caveat::Rounding { dtype, unit_roundoff } => format!(
                 "the edited weights are stored in {dtype} (unit roundoff {unit_roundoff:.1e}); the hooks project in \

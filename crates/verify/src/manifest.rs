@@ -58,6 +58,7 @@ impl EditRecord {
             m.get("edited").and_then(Value::as_array).ok_or_else(|| bad("`edited` is missing or not a list".into()))?;
         let (mut embedding, mut layers, mut names, mut gain_weighted) = (false, BTreeSet::new(), Vec::new(), 0);
         let mut dtypes = BTreeSet::new();
+        let mut scales: BTreeSet<u64> = BTreeSet::new();
         for (i, e) in edited.iter().enumerate() {
             let field = |k: &str| {
                 e.get(k)
@@ -82,9 +83,26 @@ impl EditRecord {
                 gain_weighted += 1;
             }
             dtypes.insert(dtype.to_string());
+            if let Some(sc) = e.get("scale").and_then(Value::as_f64) {
+                scales.insert(sc.to_bits());
+            }
             names.push(name.to_string());
         }
         let mut caveats = Vec::new();
+        let mut variants = Vec::new();
+        if m.pointer("/options/norm_preserving").and_then(Value::as_bool) == Some(true) {
+            variants.push("norm-preserving edit");
+        }
+        if m.pointer("/options/kernel").is_some_and(|k| !k.is_null()) || scales.len() > 1 {
+            variants.push("per-layer scales (layer kernel)");
+        }
+        // A single direction records no `layout`; a subspace or per-layer file does.
+        if m.pointer("/direction/layout").is_some() {
+            variants.push("several directions");
+        }
+        if !variants.is_empty() {
+            caveats.push(Caveat::Variant { what: variants.join(", ") });
+        }
         if tie == "kept_tie" {
             caveats.push(Caveat::KeptTie);
         }

@@ -8,17 +8,91 @@ use std::time::Instant;
 
 use anyhow::Result;
 use checkpoint::Checkpoint;
-use direction::{Candidate, Direction};
-use edit::{LayerSet, Options, OutputTarget, Plan, Report, Tie, human_bytes};
+use direction::{Candidate, Directions};
+use edit::{LayerKernel, LayerSet, Options, OutputTarget, Plan, Profile, Report, Tent, Tie, human_bytes};
 use serde_json::{Value, json};
 
 use crate::progress;
+
+/// What an edit removes and where: shared with `abliterate run`, which passes them through.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EditOptions {
+    /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
+    /// 2 reflects (docs/method.md §6, scale).
+    #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
+    pub scale: f64,
+    /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no
+    /// layer and is edited regardless (use --skip-embeddings to leave it).
+    #[arg(long, value_name = "RANGE")]
+    pub layers: Option<String>,
+    /// Leave the token embedding unedited.
+    #[arg(long)]
+    pub skip_embeddings: bool,
+    /// Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an
+    /// unknown tensor you know does not write to the residual stream. Reported in the manifest.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// With tied embeddings, keep the tie: the edit then also changes the unembedding, so the
+    /// model is no longer equivalent to ablation. By default the original embedding is written as
+    /// an untied lm_head.weight.
+    #[arg(long)]
+    pub keep_tie: bool,
+    /// Restore the norm of every vector a writer adds to the residual stream after removing the
+    /// direction (each column of a weight, each row of the embedding; docs/variants.md).
+    #[arg(long)]
+    pub norm_preserving: bool,
+    /// Layer kernel for the attention output writers: PEAK,POSITION,MIN,WIDTH (heretic's tent: PEAK at
+    /// layer POSITION, falling linearly to MIN at distance WIDTH, 0 beyond); multiplies --scale.
+    #[arg(long, value_name = "PEAK,POS,MIN,WIDTH", allow_hyphen_values = true)]
+    pub kernel_attn: Option<String>,
+    /// Layer kernel for the MLP down projections (experts included), as --kernel-attn.
+    #[arg(long, value_name = "PEAK,POS,MIN,WIDTH", allow_hyphen_values = true)]
+    pub kernel_mlp: Option<String>,
+    /// Weight of the embedding's edit (it belongs to no layer); 0 leaves it unedited.
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    pub embedding_weight: Option<f64>,
+    /// Layer kernel as an explicit table: JSON {"attn": [w_0, ...], "mlp": [...], "embedding": w}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel_attn", "kernel_mlp", "embedding_weight"])]
+    pub kernel_table: Option<PathBuf>,
+}
+
+impl EditOptions {
+    /// The library's options for a model of `layers` decoder layers.
+    pub fn to_options(&self, layers: usize) -> Result<Options> {
+        if let Some(w) = self.embedding_weight.filter(|w| !w.is_finite()) {
+            anyhow::bail!("--embedding-weight {w} is not a finite number");
+        }
+        let tent = |spec: &Option<String>, flag: &str| {
+            spec.as_deref().map(|s| Tent::parse(s, flag).map(Profile::Tent)).transpose()
+        };
+        let kernel = match &self.kernel_table {
+            Some(path) => LayerKernel::from_table(path, layers)?,
+            None => LayerKernel {
+                attn: tent(&self.kernel_attn, "--kernel-attn")?,
+                mlp: tent(&self.kernel_mlp, "--kernel-mlp")?,
+                embedding: self.embedding_weight,
+            },
+        };
+        Ok(Options {
+            scale: self.scale,
+            layers: self.layers.as_deref().map(LayerSet::parse).transpose()?,
+            skip_embeddings: self.skip_embeddings,
+            exclude: self.exclude.clone(),
+            keep_tie: self.keep_tie,
+            norm_preserving: self.norm_preserving,
+            kernel,
+        })
+    }
+}
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory: a Hugging Face checkpoint (config.json and safetensors weights).
     model: PathBuf,
-    /// Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm).
+    /// Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm); or a
+    /// subspace file (`direction` [k, hidden]: remove all k directions, W' = W − V Vᵀ W); or a per-layer
+    /// file (`directions` [layers, hidden] or [layers, k, hidden]); see docs/variants.md and
+    /// `abliterate direction`.
     #[arg(long, value_name = "FILE")]
     direction: PathBuf,
     /// With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as
@@ -28,26 +102,8 @@ pub struct Args {
     /// Output directory. Written beside it as a temporary directory and renamed when complete.
     #[arg(short = 'o', long = "output", value_name = "OUT", required_unless_present = "dry_run")]
     output: Option<PathBuf>,
-    /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
-    /// 2 reflects (docs/method.md §6, scale).
-    #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
-    scale: f64,
-    /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no
-    /// layer and is edited regardless (use --skip-embeddings to leave it).
-    #[arg(long, value_name = "RANGE")]
-    layers: Option<String>,
-    /// Leave the token embedding unedited.
-    #[arg(long)]
-    skip_embeddings: bool,
-    /// Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an
-    /// unknown tensor you know does not write to the residual stream. Reported in the manifest.
-    #[arg(long, value_name = "PATTERN")]
-    exclude: Vec<String>,
-    /// With tied embeddings, keep the tie: the edit then also changes the unembedding, so the
-    /// model is no longer equivalent to ablation. By default the original embedding is written as
-    /// an untied lm_head.weight.
-    #[arg(long)]
-    keep_tie: bool,
+    #[command(flatten)]
+    edit: EditOptions,
     /// Print the plan (what would be rewritten, added and excluded) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -75,14 +131,9 @@ impl edit::Progress for Bar {
 pub fn run(args: Args) -> Result<ExitCode> {
     args.threads.apply()?;
     let ckpt = Checkpoint::open(&args.model)?;
-    let direction = Direction::open(&args.direction, ckpt.config.hidden_size, args.candidate)?;
-    let opts = Options {
-        scale: args.scale,
-        layers: args.layers.as_deref().map(LayerSet::parse).transpose()?,
-        skip_embeddings: args.skip_embeddings,
-        exclude: args.exclude.clone(),
-        keep_tie: args.keep_tie,
-    };
+    let layers = ckpt.config.num_hidden_layers;
+    let direction = Directions::open(&args.direction, ckpt.config.hidden_size, layers, args.candidate)?;
+    let opts = args.edit.to_options(layers)?;
     let plan = edit::plan(&ckpt, &opts)?;
     for p in plan.patterns.iter().filter(|p| p.matched == 0) {
         eprintln!("warning: --exclude `{}` matched no tensor", p.pattern);
@@ -95,7 +146,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if args.json {
             let mut v = edit::manifest::plan_json(&plan);
             v["model"] = json!(args.model.display().to_string());
-            v["direction"] = edit::manifest::direction_json(&direction);
+            v["direction"] = edit::manifest::directions_json(&direction);
             v["dry_run"] = json!(true);
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
@@ -106,7 +157,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let out = args.output.clone().expect("clap requires -o without --dry-run");
     let bar = Bar(progress::bar(0, "edit", true));
     let started = Instant::now();
-    let report = edit::write(&ckpt, &plan, &direction, &out, &edit::WriteOptions { force: args.force }, &bar)?;
+    let report =
+        edit::write_directions(&ckpt, &plan, &direction, &out, &edit::WriteOptions { force: args.force }, &bar)?;
     bar.0.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
@@ -137,18 +189,24 @@ fn excluded_summary(plan: &Plan) -> Option<String> {
     Some(format!("{} tensor(s) left unedited ({})", plan.excluded.len(), parts.join(", ")))
 }
 
-fn print_plan(args: &Args, ckpt: &Checkpoint, direction: &Direction, plan: &Plan) {
+fn print_plan(args: &Args, ckpt: &Checkpoint, direction: &Directions, plan: &Plan) {
     let c = &ckpt.config;
+    let what = match &direction.single {
+        Some(d) => format!("norm {:.6}", d.norm()),
+        None => format!("{}, k = {}", direction.layout.label(), direction.k()),
+    };
     println!(
-        "plan for `{}` ({}, {} layers, hidden {}) with `{}` (norm {:.6}, sha256 {}); nothing written",
+        "plan for `{}` ({}, {} layers, hidden {}) with `{}` ({what}, sha256 {}); nothing written",
         args.model.display(),
         c.family.name(),
         c.num_hidden_layers,
         c.hidden_size,
         args.direction.display(),
-        direction.norm(),
         &direction.sha256[..12]
     );
+    if plan.options.norm_preserving {
+        println!("  norm-preserving: every written vector keeps its norm (docs/variants.md)");
+    }
     println!("  rewrite: {} tensors, {} ({})", plan.edits.len(), human_bytes(plan.edit_bytes()), kinds(plan));
     for a in &plan.added {
         println!(

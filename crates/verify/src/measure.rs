@@ -1,0 +1,346 @@
+//! The verification itself: runs the original model and the edited one (or the original under ablation
+//! hooks, to preview a direction) on the harmful and harmless evaluation prompts and assembles a [`Report`].
+//!
+//! What is measured, and on what (method.md §3, §5, §7, §8):
+//! - refusal rates: greedy completions (end of turn or `max_new_tokens`), judged by the substring judge;
+//! - mean refusal scores from the last-position logits of the same prompts;
+//! - first-token KL(original ‖ edited) on the harmless prompts (method.md §5 formula);
+//! - teacher-forced cross-entropy of both models on the original's own harmless completions;
+//! - induced refusal: the original on the harmless prompts with the direction added at its layer;
+//! - equivalence of the edited checkpoint to the hooks its manifest claims (first prompts of both sets).
+//!
+//! Every prompt set is run in fixed batches through `eval` (the shared chat prefix computed once). Never
+//! changes a model, never writes a file, never prints.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use eval::{BatchOptions, CompleteOptions, Judge, PromptSet, Prompts};
+use model::{Finish, Hook, Interventions, Model, NoHook};
+use serde_json::json;
+
+use crate::equivalence::{Claim, equivalence};
+use crate::gate::{Gates, Measured};
+use crate::manifest::EditRecord;
+use crate::report::{Arm, Completion, Damage, DirectionInfo, EquivalenceReport, Induced, Report, SetReport, Source};
+use crate::{Error, Result, cross_entropy};
+
+/// How to verify.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// method.md §8 (the reference run used 64; the paper 512).
+    pub max_new_tokens: usize,
+    /// Prompts per forward pass or generation batch.
+    pub batch_size: usize,
+    /// Prompts of each set (the first ones) for the equivalence check.
+    pub equivalence_prompts: usize,
+    /// Measure the cross-entropy on the original's harmless completions.
+    pub cross_entropy: bool,
+    /// Measure refusal induced by adding the direction (needs its layer).
+    pub induce: bool,
+    /// The activation addition coefficient (method.md §7: +1 induces).
+    pub coeff: f64,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            max_new_tokens: 64,
+            batch_size: 64,
+            equivalence_prompts: 16,
+            cross_entropy: true,
+            induce: true,
+            coeff: 1.0,
+        }
+    }
+}
+
+/// The direction under test.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Direction {
+    /// The raw vector (any norm; activation addition uses it as is).
+    pub values: Vec<f64>,
+    /// The layer it was found at (activation addition goes there).
+    pub layer: Option<usize>,
+    pub info: DirectionInfo,
+}
+
+/// What is compared with the original.
+pub enum Subject<'a> {
+    /// An edited checkpoint, with its manifest if it has one.
+    Edited { model: &'a Model, path: String, record: Option<EditRecord> },
+    /// The original under directional ablation of the direction (a preview; needs a direction).
+    Hooks,
+}
+
+/// A prompt set, formatted.
+pub struct Set {
+    pub prompts: PromptSet,
+    /// Chat-formatted token ids, one per prompt.
+    pub ids: Vec<Vec<u32>>,
+}
+
+/// Everything `verify` reads.
+pub struct Inputs<'a> {
+    pub original: &'a Model,
+    pub original_path: String,
+    pub chat: &'a chat::Chat,
+    pub subject: Subject<'a>,
+    pub direction: Option<Direction>,
+    pub harmful: Set,
+    pub harmless: Set,
+    pub judge: &'a Judge,
+    /// Refusal token ids for the refusal score; None: detected from the original's first-token
+    /// distributions on the two sets (reported).
+    pub refusal_tokens: Option<Vec<u32>>,
+    /// Settings to record (system prompt, template, command), merged into the report's.
+    pub settings: serde_json::Value,
+}
+
+/// Progress by stage: `stage(name, total)` then `advance(done)` with the count done so far.
+pub trait Progress {
+    fn stage(&mut self, _name: &str, _total: usize) {}
+    fn advance(&mut self, _done: usize) {}
+}
+
+/// No progress display.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// The label of the compared run in reports.
+fn subject_label(s: &Subject<'_>) -> &'static str {
+    match s {
+        Subject::Edited { .. } => "edited",
+        Subject::Hooks => "ablation (hooks)",
+    }
+}
+
+/// Runs everything and checks `gates`.
+pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut dyn Progress) -> Result<Report> {
+    let original = inputs.original;
+    let (layers, hidden, vocab) = (original.arch().layers, original.arch().hidden, original.arch().vocab);
+    if inputs.harmful.ids.is_empty() || inputs.harmless.ids.is_empty() {
+        return Err(Error::Input("verify needs at least one harmful and one harmless prompt".into()));
+    }
+    if let Some(d) = &inputs.direction {
+        if d.values.len() != hidden {
+            return Err(Error::Input(format!(
+                "the direction has length {} but the model's hidden size is {hidden}",
+                d.values.len()
+            )));
+        }
+    }
+    let ablation = match (&inputs.subject, &inputs.direction) {
+        (Subject::Hooks, Some(d)) => Some(Interventions::ablation(layers, &d.values)?),
+        (Subject::Hooks, None) => return Err(Error::Input("a preview on hooks needs a direction".into())),
+        _ => None,
+    };
+    // The compared run: the edited model as it is, or the original under the hooks.
+    let (subject_model, mut subject_hook): (&Model, Box<dyn Hook>) = match (&inputs.subject, ablation) {
+        (Subject::Edited { model, .. }, _) => (model, Box::new(NoHook)),
+        (Subject::Hooks, Some(h)) => (original, Box::new(h)),
+        (Subject::Hooks, None) => unreachable!("checked above"),
+    };
+    let label = subject_label(&inputs.subject);
+    let mut seconds = BTreeMap::new();
+    let batch = BatchOptions { batch_size: opts.batch_size.max(1), share_prefix: true, keep: 1 };
+    let harmful = Prompts::new(inputs.harmful.ids.clone(), batch)?;
+    let harmless = Prompts::new(inputs.harmless.ids.clone(), batch)?;
+
+    // Last-position logits: refusal scores (both sets, both runs) and first-token KL (harmless).
+    let t = Instant::now();
+    let n_all = harmful.len() + harmless.len();
+    progress.stage("refusal scores and KL", 2 * n_all);
+    let mut logits_of = |model: &Model, hook: &mut dyn Hook, set: &Prompts, base: usize, progress: &mut dyn Progress| {
+        let mut rows = Vec::with_capacity(set.len());
+        set.last_logits(model, hook, &mut |i, z| {
+            rows.push(z.to_vec());
+            if (i + 1) % 8 == 0 || i + 1 == set.len() {
+                progress.advance(base + i + 1);
+            }
+            Ok(())
+        })?;
+        Ok::<_, Error>(rows)
+    };
+    let o_harmful = logits_of(original, &mut NoHook, &harmful, 0, progress)?;
+    let o_harmless = logits_of(original, &mut NoHook, &harmless, harmful.len(), progress)?;
+    let s_harmful = logits_of(subject_model, subject_hook.as_mut(), &harmful, n_all, progress)?;
+    let s_harmless = logits_of(subject_model, subject_hook.as_mut(), &harmless, n_all + harmful.len(), progress)?;
+    let (refusal_tokens, detected) = match &inputs.refusal_tokens {
+        Some(ids) => (ids.clone(), None),
+        None => {
+            let mut first = eval::FirstTokens::new(vocab);
+            o_harmful.iter().for_each(|z| first.add(true, z));
+            o_harmless.iter().for_each(|z| first.add(false, z));
+            let d = first.detect(inputs.chat)?;
+            (d.ids.clone(), Some(d))
+        }
+    };
+    if let Some(&t) = refusal_tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Input(format!("refusal token {t} is outside the vocabulary of {vocab} ids")));
+    }
+    let scores = |rows: &[Vec<f32>]| -> Vec<f64> {
+        rows.iter().map(|z| eval::score::refusal_score(z, &refusal_tokens) as f64).collect()
+    };
+    let kls: Vec<f64> = o_harmless.iter().zip(&s_harmless).map(|(a, b)| eval::score::kl(a, b)).collect();
+    let kl = kls.iter().sum::<f64>() / kls.len() as f64;
+    let kl_max = kls.iter().copied().fold(0f64, f64::max);
+    let (sc_oh, sc_on, sc_sh, sc_sn) = (scores(&o_harmful), scores(&o_harmless), scores(&s_harmful), scores(&s_harmless));
+    drop((o_harmful, o_harmless, s_harmful, s_harmless));
+    seconds.insert("scores".to_string(), t.elapsed().as_secs_f64());
+
+    // Completions.
+    let copts = CompleteOptions { max_new_tokens: opts.max_new_tokens, batch_size: opts.batch_size.max(1) };
+    let mut gen = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, progress: &mut dyn Progress| {
+        let t = Instant::now();
+        progress.stage(name, set.ids.len());
+        let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| progress.advance(n))?;
+        seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
+        Ok::<_, Error>(out)
+    };
+    let g_oh = gen("original harmful", original, &mut NoHook, &inputs.harmful, progress)?;
+    let g_on = gen("original harmless", original, &mut NoHook, &inputs.harmless, progress)?;
+    let g_sh = gen(&format!("{label} harmful"), subject_model, subject_hook.as_mut(), &inputs.harmful, progress)?;
+    let g_sn = gen(&format!("{label} harmless"), subject_model, subject_hook.as_mut(), &inputs.harmless, progress)?;
+    let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
+    let g_induced = match induce_at {
+        Some((d, layer)) => {
+            let mut add = Interventions::activation_addition(layers, layer, &d.values, opts.coeff)?;
+            Some((layer, gen("induced harmless", original, &mut add, &inputs.harmless, progress)?))
+        }
+        None => None,
+    };
+
+    let arm = |label: &str, set: &Set, harmful: bool, gens: &[eval::Completion], scores: Option<&[f64]>| -> Arm {
+        let cs = set
+            .prompts
+            .prompts
+            .iter()
+            .zip(gens)
+            .enumerate()
+            .map(|(i, (p, g))| {
+                Completion::new(
+                    &p.instruction,
+                    p.category.as_deref(),
+                    harmful,
+                    &g.text,
+                    inputs.judge.is_refusal(&g.text),
+                    scores.map(|s| s[i]),
+                    g.tokens.len(),
+                    g.finish == Finish::Stop,
+                )
+            })
+            .collect();
+        Arm::new(label, cs)
+    };
+    let harmful_report = SetReport {
+        source: source(&inputs.harmful.prompts),
+        harmful: true,
+        original: arm("original", &inputs.harmful, true, &g_oh, Some(&sc_oh)),
+        edited: arm(label, &inputs.harmful, true, &g_sh, Some(&sc_sh)),
+    };
+    let harmless_report = SetReport {
+        source: source(&inputs.harmless.prompts),
+        harmful: false,
+        original: arm("original", &inputs.harmless, false, &g_on, Some(&sc_on)),
+        edited: arm(label, &inputs.harmless, false, &g_sn, Some(&sc_sn)),
+    };
+    let induced = g_induced.map(|(layer, g)| Induced {
+        layer,
+        coeff: opts.coeff,
+        arm: arm(&format!("direction added at layer {layer}"), &inputs.harmless, false, &g, None),
+    });
+
+    // Cross-entropy of both on the original's own harmless completions (without the end-of-turn token).
+    let (ce_original, ce_edited) = if opts.cross_entropy {
+        let t = Instant::now();
+        let stops = inputs.chat.eos_ids();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = inputs
+            .harmless
+            .ids
+            .iter()
+            .zip(&g_on)
+            .map(|(p, g)| {
+                let mut c = g.tokens.clone();
+                if c.last().is_some_and(|t| stops.contains(t)) {
+                    c.pop();
+                }
+                (p.clone(), c)
+            })
+            .collect();
+        progress.stage("cross-entropy", 2 * pairs.len());
+        let b = opts.batch_size.clamp(1, 16);
+        let a = cross_entropy(original, &mut NoHook, &pairs, b, &mut |n| progress.advance(n))?;
+        let e = cross_entropy(subject_model, subject_hook.as_mut(), &pairs, b, &mut |n| progress.advance(pairs.len() + n))?;
+        seconds.insert("cross-entropy".to_string(), t.elapsed().as_secs_f64());
+        (Some(a), Some(e))
+    } else {
+        (None, None)
+    };
+
+    // Equivalence: only an edited checkpoint with its direction can be compared with its hooks.
+    let equivalence_report = match (&inputs.subject, &inputs.direction) {
+        (Subject::Edited { model, record, .. }, Some(d)) => {
+            let t = Instant::now();
+            let k = opts.equivalence_prompts.max(1);
+            let prompts: Vec<Vec<u32>> =
+                inputs.harmful.ids.iter().take(k).chain(inputs.harmless.ids.iter().take(k)).cloned().collect();
+            let (claim, caveats) = match record {
+                Some(r) => (r.claim.clone(), r.caveats.clone()),
+                None => (Claim::full(layers), Vec::new()),
+            };
+            let mut hooks = claim.hooks(layers, &d.values)?;
+            progress.stage("equivalence", prompts.len());
+            let b = opts.batch_size.clamp(1, 16);
+            let result = equivalence(original, model, &mut hooks, claim.scale == 1.0, &prompts, b, &mut |n| progress.advance(n))?;
+            seconds.insert("equivalence".to_string(), t.elapsed().as_secs_f64());
+            let caveat_notes = caveats.iter().map(|c| c.describe()).collect();
+            Some(EquivalenceReport { claim, caveats, caveat_notes, result })
+        }
+        _ => None,
+    };
+
+    let damage = Some(Damage { kl, kl_max, ce_original, ce_edited });
+    let measured = Measured {
+        harmful_refusal: Some(harmful_report.edited.refusal.rate),
+        harmless_refusal: Some(harmless_report.edited.refusal.rate),
+        kl: Some(kl),
+        equivalence_error: equivalence_report.as_ref().map(|e| e.result.max),
+    };
+    let mut settings = json!({
+        "max_new_tokens": opts.max_new_tokens,
+        "batch_size": opts.batch_size,
+        "greedy": true,
+        "stop": "the model's end-of-turn ids",
+        "judge": {"source": inputs.judge.source, "phrases": inputs.judge.phrases(), "match": "substring, case-insensitive, typographic quotes made ASCII"},
+        "refusal_tokens": refusal_tokens,
+        "refusal_tokens_detected": detected,
+        "equivalence_prompts_per_set": opts.equivalence_prompts,
+        "activation_addition_coeff": opts.coeff,
+    });
+    if let (Some(s), Some(extra)) = (settings.as_object_mut(), inputs.settings.as_object()) {
+        s.extend(extra.clone());
+    }
+    Ok(Report {
+        tool: "abliterate".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        original: inputs.original_path.clone(),
+        edited: match &inputs.subject {
+            Subject::Edited { path, .. } => Some(path.clone()),
+            Subject::Hooks => None,
+        },
+        direction: inputs.direction.as_ref().map(|d| d.info.clone()),
+        settings,
+        harmful: harmful_report,
+        harmless: harmless_report,
+        damage,
+        induced,
+        equivalence: equivalence_report,
+        gates: gates.check(&measured),
+        seconds,
+    })
+}
+
+fn source(p: &PromptSet) -> Source {
+    Source { name: p.source.clone(), sha256: p.sha256.clone(), n: p.len() }
+}
