@@ -29,6 +29,8 @@ enum Command {
     Diff(cmd::diff::Args),
     /// Generate a chat reply, optionally with a direction ablated or added, to preview an edit.
     Generate(cmd::generate::Args),
+    /// Derive and combine direction files: projected, subspaces, per-layer, interpolated, imported, exported.
+    Direction(cmd::direction::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Command::Edit(a) => cmd::edit::run(a),
         Command::Diff(a) => cmd::diff::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Direction(a) => cmd::direction::run(a),
     };
     match result {
         Ok(code) => code,

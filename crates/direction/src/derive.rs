@@ -46,7 +46,7 @@ pub fn top_k_svd(
     k: usize,
     center: bool,
 ) -> Result<(Basis, Vec<f64>), String> {
-    if harmful.len() != harmless.len() || harmful.is_empty() || harmful.len() % d != 0 {
+    if harmful.len() != harmless.len() || harmful.is_empty() || !harmful.len().is_multiple_of(d) {
         return Err(format!(
             "the harmful and harmless activations must be the same number of rows of length {d} ({} and {} values)",
             harmful.len(),

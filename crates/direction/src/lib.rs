@@ -486,8 +486,11 @@ pub fn tensor_shape(path: &Path, name: &str) -> Result<Option<Vec<usize>>> {
     Ok(header.tensors.iter().find(|t| t.name == name).map(|t| t.shape.clone()))
 }
 
-/// Every tensor of a safetensors file with its shape and values (F32 or F64 only), in file order.
-pub fn read_tensors(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f64>)>> {
+/// A tensor read whole: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f64>);
+
+/// Every tensor of a safetensors file with its shape and values (float types only), in file order.
+pub fn read_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
     let (bytes, header) = read_file(path)?;
     let start = header.data_start();
     let mut out = Vec::new();
