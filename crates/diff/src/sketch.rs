@@ -334,10 +334,13 @@ fn measure_slice(a: Stored, b: Stored, s: Slice, direction: Option<&[f64]>) -> R
     Ok((sums, SliceRank { rank, exact, singular_values: sv, tolerance: tol, alignment }))
 }
 
+/// `U` (`rows x r`, row-major) and the singular values of one slice's `dW`.
+pub(crate) type LeftFactor = (Vec<f64>, Vec<f64>);
+
 /// The top left singular vectors and values of `dW` for each slice (one per matrix, one per expert of a fused
 /// tensor), from the same sketch as [`measure`]: `U = Q U_Z` (`rows x r` row-major, `r <= SKETCH`) and the
 /// singular values, descending. For `diff --detect` (the `detect` module), which stacks them across tensors.
-pub(crate) fn left_singular(a: Stored, b: Stored, layout: Layout) -> Result<Vec<(Vec<f64>, Vec<f64>)>, String> {
+pub(crate) fn left_singular(a: Stored, b: Stored, layout: Layout) -> Result<Vec<LeftFactor>, String> {
     let mut out = Vec::new();
     for s in layout.slices() {
         let (rows, cols) = (s.rows, s.cols());

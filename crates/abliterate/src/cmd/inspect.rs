@@ -440,10 +440,9 @@ fn tie_text(ckpt: &Checkpoint, plan: &Plan) -> String {
                 Tie::Untie if identical => "the default edit keeps it as the original embedding and sets \
                                             tie_word_embeddings false (docs/method.md §6)"
                     .to_string(),
-                Tie::Untie => format!(
-                    "the default edit replaces it with the original embedding and sets tie_word_embeddings false \
-                     (docs/method.md §6)"
-                ),
+                Tie::Untie => "the default edit replaces it with the original embedding and sets tie_word_embeddings \
+                               false (docs/method.md §6)"
+                    .to_string(),
                 _ => "the embedding is not edited, so the tie stays".to_string(),
             };
             format!("yes (config.json ties them); {stored}; {edit}")
