@@ -1,7 +1,8 @@
 //! Project tasks: `cargo xtask fixtures` regenerates the committed tiny checkpoints;
-//! `cargo xtask bench edit|forward|forward-8b|run` runs the benchmarks recorded in docs/benchmarks.md.
+//! `cargo xtask bench edit|find|forward|forward-8b|run` runs the benchmarks recorded in docs/benchmarks.md.
 
 mod bench_edit;
+mod bench_find;
 mod bench_forward;
 mod bench_large;
 mod bench_run;
@@ -14,12 +15,13 @@ fn main() -> anyhow::Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["fixtures", rest @ ..] => fixtures::run(rest),
         ["bench", "edit", rest @ ..] => bench_edit::run(rest),
+        ["bench", "find", rest @ ..] => bench_find::run(rest),
         ["bench", "forward", rest @ ..] => bench_forward::run(rest),
         ["bench", "forward-8b", rest @ ..] => bench_large::run(rest),
         ["bench", "run", rest @ ..] => bench_run::run(rest),
         ["distill", rest @ ..] => distill::run(rest),
         _ => anyhow::bail!(
-            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench forward [...] | bench forward-8b [...] | bench run [...] | distill MODEL IN.json OUT.jsonl [...]"
+            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench find [...] | bench forward [...] | bench forward-8b [...] | bench run [...] | distill MODEL IN.json OUT.jsonl [...]"
         ),
     }
 }
