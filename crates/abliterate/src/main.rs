@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod args;
 mod cmd;
 mod progress;
 mod runtime;
@@ -28,6 +29,8 @@ enum Command {
     Diff(cmd::diff::Args),
     /// Generate a chat reply, optionally with a direction ablated or added, to preview an edit.
     Generate(cmd::generate::Args),
+    /// Derive and combine direction files: projected, subspaces, per-layer, interpolated, imported, exported.
+    Direction(cmd::direction::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Edit(a) => cmd::edit::run(a),
         Command::Diff(a) => cmd::diff::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Direction(a) => cmd::direction::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,11 +1,10 @@
-//! The options every command that runs the model shares (`--weights`, `--threads`) and loading a model
-//! with a progress bar. Commands flatten [`RuntimeArgs`] into their own arguments and call
+//! The options every command that runs the model shares (`--weights`, and `--threads` from
+//! [`crate::args::Threads`]) and loading a model with a progress bar. Commands flatten [`RuntimeArgs`] into their own arguments and call
 //! [`RuntimeArgs::load`]; the library decides everything else (`model::LoadOptions`).
 
-use std::num::NonZeroUsize;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use model::{LoadOptions, Model, WeightWidth};
 
 /// `--weights`: at what width the weights are held in memory (the arithmetic is f32 either way).
@@ -35,18 +34,14 @@ pub struct RuntimeArgs {
     /// choose by the memory available.
     #[arg(long, value_name = "WIDTH", value_enum, default_value_t = Weights::Auto)]
     pub weights: Weights,
-    /// Compute threads (default: one per core). Results do not depend on it.
-    #[arg(long, value_name = "N")]
-    pub threads: Option<NonZeroUsize>,
+    #[command(flatten)]
+    pub threads: crate::args::Threads,
 }
 
 impl RuntimeArgs {
     /// Sets the thread count for the rest of the process (call once, before any computation).
     pub fn apply_threads(&self) -> Result<()> {
-        if let Some(n) = self.threads {
-            rayon::ThreadPoolBuilder::new().num_threads(n.get()).build_global().context("setting --threads")?;
-        }
-        Ok(())
+        self.threads.apply()
     }
 
     /// Loads the model at `dir` with a progress bar on a terminal while its weights are converted.

@@ -324,14 +324,56 @@ fn unknown_tensor() {
     extra.0.name = "model.layers.1.adapter.weight".into();
     t.list.push(extra);
     t.write(&p);
-    m.fails_with(
-        "1 unknown tensor in `model.safetensors`: `model.layers.1.adapter.weight`; abliterate does not know \
+    // Issue 13: inspect lists unknown tensors and says what edit does about them, instead of failing.
+    let run = abliterate(["inspect".as_ref(), m.dir.as_os_str()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().filter(|l| l.contains("unknown") || l.contains("adapter")).collect();
+    assert_eq!(
+        lines,
+        [
+            "other tensors: 16 (attn_in 6, final_norm 1, mlp_in 4, pre_norm 4, unknown 1)",
+            "unknown tensors: 1; edit refuses them: abliterate does not know whether they write to the residual \
+             stream",
+            "  `model.layers.1.adapter.weight` [64] BF16 in `model.safetensors`",
+            "edit (default options): refuses the unknown tensor; with it excluded, rewrites 5 tensors (106.5 kB), \
+             adds `lm_head.weight` (65.5 kB), copies 16 unchanged (82.7 kB)",
+        ],
+        "{}",
+        run.stdout
+    );
+    let run = abliterate(["inspect".as_ref(), m.dir.as_os_str(), "--json".as_ref()]);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        v["unknown_tensors"],
+        serde_json::json!([{"name": "model.layers.1.adapter.weight", "file": "model.safetensors", "dtype": "BF16", "shape": [64]}])
+    );
+    assert_eq!(
+        (&v["edit"]["refused_unknown"], &v["edit"]["excluded"]),
+        (&serde_json::json!(1), &serde_json::json!([]))
+    );
+    // edit refuses it, with the message inspect's advice answers.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let dir = fixture("directions/llama.safetensors");
+    let run = abliterate([
+        "edit".as_ref(),
+        m.dir.as_os_str(),
+        "--direction".as_ref(),
+        dir.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(run.code, 2);
+    assert_eq!(
+        run.stderr,
+        "error: 1 unknown tensor in `model.safetensors`: `model.layers.1.adapter.weight`; abliterate does not know \
          whether it writes to the residual stream. Exclude it explicitly with --exclude if it is safe to leave \
-         unedited",
+         unedited\n"
     );
     // Excluding it explicitly is the way out.
     let run = abliterate(["inspect".as_ref(), m.dir.as_os_str(), "--exclude".as_ref(), "*.adapter.*".as_ref()]);
     assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(!run.stdout.contains("unknown tensors:"), "{}", run.stdout);
     assert!(
         run.stdout.contains("  excluded: `model.layers.1.adapter.weight` (--exclude `*.adapter.*`)\n"),
         "{}",

@@ -233,6 +233,11 @@ fn rank_one_update_of_one_tensor() {
     let (pa, pb) = (norm(&projections(&wa, v_, &r)), norm(&projections(&wb, v_, &r)));
     close(f(&c["projection_ratio"]), pb / pa, 1e-10);
     close(f(&t["orthogonality"]), pb / norm(&wb), 1e-10);
+    // Issue 13: `--threads` (shared by every computing command) changes nothing in the report.
+    for threads in ["1", "3"] {
+        let w = diff_json(&a, &b, &["--direction", fixture(DIRECTION).to_str().unwrap(), "--threads", threads]);
+        assert_eq!(w["tensors"], v["tensors"], "--threads {threads}");
+    }
 }
 
 #[test]

@@ -181,6 +181,15 @@ fn output_is_byte_identical_across_runs_and_thread_counts() {
     }
     assert_eq!(hashes[0], hashes[1], "RAYON_NUM_THREADS=1 and 2 differ");
     assert_eq!(hashes[1], hashes[2], "two runs differ");
+    // Issue 13: `--threads`, the option every computing command shares, says the same.
+    for threads in ["1", "3"] {
+        let out = t.out(&format!("threads-{threads}"));
+        ok(&t.edit(&out, &["--threads", threads]));
+        assert_eq!(synth::hash_dir(&out), hashes[0], "--threads {threads}");
+    }
+    let r = t.edit(&t.out("zero"), &["--threads", "0"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("invalid value '0' for '--threads <N>'"), "{}", r.stderr);
 }
 
 #[test]
@@ -848,19 +857,44 @@ fn help_snapshot() {
           <MODEL>  Model directory: a Hugging Face checkpoint (config.json and safetensors weights)
 
         Options:
-              --direction <FILE>       Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm)
-              --candidate <POS,LAYER>  With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as POS,LAYER (e.g. `-1,22`: the last prompt token, the residual entering layer 22)
-          -o, --output <OUT>           Output directory. Written beside it as a temporary directory and renamed when complete
-              --scale <S>              Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (method.md §6, scale variant) [default: 1]
-              --layers <RANGE>         Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
-              --skip-embeddings        Leave the token embedding unedited
-              --exclude <PATTERN>      Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest
-              --keep-tie               With tied embeddings, keep the tie: the edit then also changes the unembedding, so the model is no longer equivalent to ablation. By default the original embedding is written as an untied lm_head.weight
-              --dry-run                Print the plan (what would be rewritten, added and excluded) and write nothing
-              --force                  Replace OUT if it exists (only after the new one is complete)
-              --json                   Print a machine-readable summary on stdout
-          -h, --help                   Print help
-          -V, --version                Print version
+              --direction <FILE>
+                  Direction file: safetensors with a 1-D `direction` tensor of length hidden_size (any norm); or a subspace file (`direction` [k, hidden]: remove all k directions, W' = W − V Vᵀ W); or a per-layer file (`directions` [layers, hidden] or [layers, k, hidden]); see docs/variants.md and `abliterate direction`
+              --candidate <POS,LAYER>
+                  With a candidates file (`find`'s candidates.safetensors): which candidate to remove, as POS,LAYER (e.g. `-1,22`: the last prompt token, the residual entering layer 22)
+          -o, --output <OUT>
+                  Output directory. Written beside it as a temporary directory and renamed when complete
+              --scale <S>
+                  Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates, 2 reflects (docs/method.md §6, scale) [default: 1]
+              --layers <RANGE>
+                  Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no layer and is edited regardless (use --skip-embeddings to leave it)
+              --skip-embeddings
+                  Leave the token embedding unedited
+              --exclude <PATTERN>
+                  Copy tensors whose name matches this glob unchanged (repeatable). Also the way to accept an unknown tensor you know does not write to the residual stream. Reported in the manifest
+              --keep-tie
+                  With tied embeddings, keep the tie: the edit then also changes the unembedding, so the model is no longer equivalent to ablation. By default the original embedding is written as an untied lm_head.weight
+              --norm-preserving
+                  Restore the norm of every vector a writer adds to the residual stream after removing the direction (each column of a weight, each row of the embedding; docs/variants.md)
+              --kernel-attn <PEAK,POS,MIN,WIDTH>
+                  Layer kernel for the attention output writers: PEAK,POSITION,MIN,WIDTH (heretic's tent: PEAK at layer POSITION, falling linearly to MIN at distance WIDTH, 0 beyond); multiplies --scale
+              --kernel-mlp <PEAK,POS,MIN,WIDTH>
+                  Layer kernel for the MLP down projections (experts included), as --kernel-attn
+              --embedding-weight <W>
+                  Weight of the embedding's edit (it belongs to no layer); 0 leaves it unedited
+              --kernel-table <FILE>
+                  Layer kernel as an explicit table: JSON {"attn": [w_0, ...], "mlp": [...], "embedding": w}
+              --dry-run
+                  Print the plan (what would be rewritten, added and excluded) and write nothing
+              --force
+                  Replace OUT if it exists (only after the new one is complete)
+              --json
+                  Print a machine-readable summary on stdout
+              --threads <N>
+                  Compute threads (default: one per core). Results do not depend on it
+          -h, --help
+                  Print help
+          -V, --version
+                  Print version
     "#]].assert_eq(&r.stdout);
 }
 

@@ -371,12 +371,19 @@ fn chat_template_string_list_file_or_none() {
     std::fs::write(dir.join("chat_template.jinja"), "{{ messages }}").unwrap();
     assert_eq!(line(&dir), "chat template: `chat_template.jinja`");
 
+    // Issue 13: inspect reports the template `chat` uses (its discovery, not a copy of it). With a
+    // file and a config template both present, that is the file only.
+    config["chat_template"] = json!("{{ bos_token }}");
+    std::fs::write(&tc, serde_json::to_vec(&config).unwrap()).unwrap();
+    assert_eq!(line(&dir), "chat template: `chat_template.jinja`");
+    let found = chat::template(&dir).unwrap().unwrap();
+    assert_eq!((found.file, found.text.as_str()), ("chat_template.jinja", "{{ messages }}"));
+
+    // A tokenizer_config.json that chat cannot read: inspect says so with chat's own message.
     std::fs::write(&tc, "{").unwrap();
-    assert_eq!(
-        line(&dir),
-        "chat template: `chat_template.jinja`; tokenizer_config.json is not valid JSON (EOF while parsing an object \
-         at line 1 column 1)"
-    );
+    let want = chat::template(&dir).unwrap_err().to_string();
+    assert_eq!(line(&dir), format!("chat template: unreadable: {}", want.replace(&dir.display().to_string(), "MODEL")));
+    assert!(want.contains("tokenizer_config.json"), "{want}");
 }
 
 /// Issue 13: a tied config with a stored `lm_head.weight` is tied (the runtime and transformers 4.57
@@ -424,4 +431,33 @@ fn a_stored_head_under_a_tied_config_is_reported_as_ignored() {
     );
     assert_eq!(v["edit"]["added"][0]["replaces_stored"], true);
     assert_eq!(v["edit"]["added_bytes"], 0);
+}
+
+/// Issue 13: help texts and reports cite `docs/method.md §N`, a file every clone has (not the
+/// project's `method.md`, which users do not have); each cited section must exist there.
+#[test]
+fn every_cited_method_section_exists_in_docs() {
+    let root = testutil::workspace_root();
+    let method = std::fs::read_to_string(root.join("docs/method.md")).unwrap();
+    let mut cited = 0;
+    let mut stack = vec![root.join("crates"), root.join("README.md")];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        for (i, _) in text.match_indices("docs/method.md §") {
+            let n: String = text[i + "docs/method.md §".len()..].chars().take_while(char::is_ascii_digit).collect();
+            if n.is_empty() {
+                continue; // this test's own format strings
+            }
+            assert!(method.contains(&format!("\n## §{n} ")), "{} cites docs/method.md §{n}", p.display());
+            cited += 1;
+        }
+    }
+    assert!(cited >= 5, "only {cited} citations found");
+    // A user-visible help text never cites the project-internal `method.md` alone.
+    let help = abliterate(["edit", "--help"]).stdout + &abliterate(["generate", "--help"]).stdout;
+    assert_eq!(help.matches("method.md").count(), help.matches("docs/method.md").count(), "{help}");
 }

@@ -10,6 +10,7 @@
 //! This crate only measures. What is printed, and the exit code of the `--expect-orthogonal`
 //! gate, belong to the CLI.
 
+pub mod detect;
 pub mod sketch;
 
 use std::cmp::Ordering;
@@ -316,7 +317,7 @@ impl Directions {
     }
 }
 
-fn tensor_error(e: checkpoint::Error) -> Error {
+pub(crate) fn tensor_error(e: checkpoint::Error) -> Error {
     match e {
         checkpoint::Error::Tensor { name, file, problem } => Error::Tensor { name, file, problem },
         other => Error::Tensor { name: String::new(), file: String::new(), problem: other.to_string() },
@@ -331,7 +332,7 @@ fn side(c: &Checkpoint, r: TensorRef) -> Side {
 /// How a tensor of `shape` with role `role` is seen as matrices: a writer around its d_model axis
 /// (`Writer::view`), anything else as `[.., rows, cols]`; 3-D tensors are one matrix per leading
 /// index (fused experts).
-fn layout(role: &Role, shape: &[usize], hidden: usize) -> Option<sketch::Layout> {
+pub(crate) fn layout(role: &Role, shape: &[usize], hidden: usize) -> Option<sketch::Layout> {
     let per_outer = shape.len() >= 3;
     if let Role::Writer(w) = role {
         if shape.len() > w.model_axis && shape[w.model_axis] == hidden {

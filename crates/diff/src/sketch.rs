@@ -334,6 +334,41 @@ fn measure_slice(a: Stored, b: Stored, s: Slice, direction: Option<&[f64]>) -> R
     Ok((sums, SliceRank { rank, exact, singular_values: sv, tolerance: tol, alignment }))
 }
 
+/// `U` (`rows x r`, row-major) and the singular values of one slice's `dW`.
+pub(crate) type LeftFactor = (Vec<f64>, Vec<f64>);
+
+/// The top left singular vectors and values of `dW` for each slice (one per matrix, one per expert of a fused
+/// tensor), from the same sketch as [`measure`]: `U = Q U_Z` (`rows x r` row-major, `r <= SKETCH`) and the
+/// singular values, descending. For `diff --detect` (the `detect` module), which stacks them across tensors.
+pub(crate) fn left_singular(a: Stored, b: Stored, layout: Layout) -> Result<Vec<LeftFactor>, String> {
+    let mut out = Vec::new();
+    for s in layout.slices() {
+        let (rows, cols) = (s.rows, s.cols());
+        if rows == 0 || cols == 0 {
+            continue;
+        }
+        let p = cols.min(SKETCH);
+        let omega = omega(cols, p);
+        let (y, _) = pass1(a, b, &s, p, &omega);
+        let (q, kq) = orthonormal_columns(&y, rows, p);
+        if kq == 0 {
+            continue;
+        }
+        let (_, _, z) = pass2(a, b, &s, None, Some((&q, kq)));
+        let z = z.expect("pass 2 with a basis returns Z");
+        let (sv, u_z) = svd_sequential(&z, kq, cols)?;
+        let r = sv.len();
+        let mut u = vec![0f64; rows * r];
+        for k in 0..rows {
+            for t in 0..r {
+                u[k * r + t] = (0..kq).map(|c| q[k * kq + c] * u_z[(c, t)]).sum();
+            }
+        }
+        out.push((u, sv));
+    }
+    Ok(out)
+}
+
 /// Pass 1: `Y = dW Ω` (`rows x p`, row-major) and the largest row sum of `|B|`.
 fn pass1(a: Stored, b: Stored, s: &Slice, p: usize, omega: &[f64]) -> (Vec<f64>, f64) {
     let units = s.units();

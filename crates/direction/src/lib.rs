@@ -24,6 +24,8 @@ use checkpoint::{Dtype, dtype, safetensors};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub mod derive;
+pub mod interchange;
 pub mod set;
 pub use set::{Basis, Directions, Layout};
 
@@ -31,6 +33,10 @@ pub use set::{Basis, Directions, Layout};
 pub const TENSOR: &str = "direction";
 /// The name of the tensor in a candidates file.
 pub const CANDIDATES_TENSOR: &str = "candidates";
+/// The name of the tensor in a means file: mean activations (e.g. of the harmless prompts) in the layout of a
+/// candidates file, `[positions, layers, hidden]` (what projected and biprojected directions need; `find`
+/// can write it beside its candidates).
+pub const MEANS_TENSOR: &str = "means";
 
 /// A validated direction: finite, with a normal positive norm.
 #[derive(Clone, Debug, PartialEq)]
@@ -295,22 +301,33 @@ impl Candidates {
         Candidates::from_file(path, bytes, header, hidden_size)
     }
 
+    /// Reads a means file (tensor [`MEANS_TENSOR`], the layout of a candidates file).
+    pub fn load_means(path: &Path, hidden_size: usize) -> Result<Candidates> {
+        let (bytes, header) = read_file(path)?;
+        Candidates::from_named(path, bytes, header, hidden_size, MEANS_TENSOR)
+    }
+
     fn from_file(path: &Path, bytes: Vec<u8>, header: safetensors::Header, hidden_size: usize) -> Result<Candidates> {
+        Candidates::from_named(path, bytes, header, hidden_size, CANDIDATES_TENSOR)
+    }
+
+    fn from_named(
+        path: &Path,
+        bytes: Vec<u8>,
+        header: safetensors::Header,
+        hidden_size: usize,
+        name: &str,
+    ) -> Result<Candidates> {
         let bad = |problem: String| DirectionError::Invalid { path: path.to_path_buf(), problem };
-        let t = take_tensor(path, bytes, header, CANDIDATES_TENSOR)?;
+        let t = take_tensor(path, bytes, header, name)?;
         let &[n_pos, layers, hidden] = t.shape.as_slice() else {
-            return Err(bad(format!(
-                "`{CANDIDATES_TENSOR}` must have shape [positions, layers, hidden], found {:?}",
-                t.shape
-            )));
+            return Err(bad(format!("`{name}` must have shape [positions, layers, hidden], found {:?}", t.shape)));
         };
         if hidden != hidden_size {
-            return Err(bad(format!(
-                "`{CANDIDATES_TENSOR}` has hidden size {hidden} but the model's hidden_size is {hidden_size}"
-            )));
+            return Err(bad(format!("`{name}` has hidden size {hidden} but the model's hidden_size is {hidden_size}")));
         }
         if n_pos == 0 || layers == 0 {
-            return Err(bad(format!("`{CANDIDATES_TENSOR}` has shape {:?}: no candidates", t.shape)));
+            return Err(bad(format!("`{name}` has shape {:?}: no candidates", t.shape)));
         }
         let positions = match int_list(&t.metadata, "positions") {
             None => (-(n_pos as i64)..0).collect(),
@@ -319,14 +336,14 @@ impl Candidates {
         if positions.len() != n_pos || positions.iter().any(|&p| p >= 0) {
             return Err(bad(format!(
                 "metadata `positions` {positions:?} must list {n_pos} negative positions (the first axis of \
-                 `{CANDIDATES_TENSOR}`)"
+                 `{name}`)"
             )));
         }
         if let Some(l) = int_list(&t.metadata, "layers") {
             let l = l.map_err(bad)?;
             if l != (0..layers as i64).collect::<Vec<_>>() {
                 return Err(bad(format!(
-                    "metadata `layers` must be the layers 0..{} in order (the second axis of `{CANDIDATES_TENSOR}`)",
+                    "metadata `layers` must be the layers 0..{} in order (the second axis of `{name}`)",
                     layers - 1
                 )));
             }
@@ -461,6 +478,34 @@ pub(crate) fn write_tensors(
 pub fn write(path: &Path, values: &[f64], dtype: Dtype, metadata: &Map<String, Value>) -> std::io::Result<()> {
     assert!(matches!(dtype, Dtype::F32 | Dtype::F64), "direction files hold F32 or F64");
     write_tensor(path, TENSOR, values, &[values.len()], dtype, metadata)
+}
+
+/// The shape of tensor `name` in a safetensors file (None if absent), read from its header alone.
+pub fn tensor_shape(path: &Path, name: &str) -> Result<Option<Vec<usize>>> {
+    let (_, header) = read_file(path)?;
+    Ok(header.tensors.iter().find(|t| t.name == name).map(|t| t.shape.clone()))
+}
+
+/// A tensor read whole: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f64>);
+
+/// Every tensor of a safetensors file with its shape and values (float types only), in file order.
+pub fn read_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
+    let (bytes, header) = read_file(path)?;
+    let start = header.data_start();
+    let mut out = Vec::new();
+    for t in &header.tensors {
+        if !matches!(t.dtype, Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16) {
+            return Err(DirectionError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!("tensor `{}` has dtype {}; a float type expected", t.name, t.dtype),
+            });
+        }
+        let mut v = vec![0f64; t.numel()];
+        dtype::decode_f64(t.dtype, &bytes[start + t.begin..start + t.end], &mut v);
+        out.push((t.name.clone(), t.shape.clone(), v));
+    }
+    Ok(out)
 }
 
 /// Lowercase hex sha256 of a byte slice.

@@ -19,7 +19,10 @@ pub use direction::{Basis, Direction, DirectionError, Directions};
 pub use layer_kernel::{LayerKernel, Profile, Tent};
 pub use manifest::{FileRecord, Ledger, Report};
 pub use output::{OutputTarget, TempDir};
-pub use plan::{Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, WriteOp, plan};
+pub use plan::{
+    Added, Against, ExcludeReason, Excluded, LayerSet, Options, Plan, TensorEdit, Tie, WriteOp, exact_pattern, plan,
+    unknown_tensors,
+};
 pub use write::{MANIFEST, NoProgress, Progress, WriteOptions, write, write_directions};
 
 /// Everything that can go wrong in an edit. Messages are lowercase and name the thing.

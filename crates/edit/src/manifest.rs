@@ -203,7 +203,7 @@ pub(crate) fn build(p: ManifestParts<'_>) -> Value {
     let mut m = Map::new();
     m.insert("tool".into(), json!("abliterate"));
     m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-    m.insert("method".into(), json!("weight orthogonalization, method.md §6"));
+    m.insert("method".into(), json!("weight orthogonalization, docs/method.md §6"));
     m.insert("model".into(), json!(p.model));
     m.insert("direction".into(), directions_json(p.direction));
     m.insert("options".into(), options_json(p.plan));

@@ -460,6 +460,22 @@ impl Excludes {
     }
 }
 
+/// The tensors [`plan`] would refuse as unknown: no role in the family, and no `--exclude` glob
+/// of `opts` matches them. In header order.
+pub fn unknown_tensors(ckpt: &Checkpoint, opts: &Options) -> Result<Vec<TensorRef>> {
+    let excludes = Excludes::new(&opts.exclude)?;
+    Ok(ckpt
+        .tensors()
+        .filter(|(r, t)| ckpt.role(*r) == Role::Unknown && excludes.matching(&t.name).is_none())
+        .map(|(r, _)| r)
+        .collect())
+}
+
+/// An `--exclude` pattern that matches exactly one tensor name (glob characters escaped).
+pub fn exact_pattern(name: &str) -> String {
+    globset::escape(name)
+}
+
 /// Decides what an edit of `ckpt` with `opts` rewrites, adds and leaves alone.
 ///
 /// Fails (naming the tensor) on an unknown tensor that no `--exclude` matches, a writer whose
@@ -548,7 +564,7 @@ pub fn plan(ckpt: &Checkpoint, opts: &Options) -> Result<Plan> {
                     ckpt.tensor_error(
                         r,
                         format!(
-                            "{} writes through a post-norm, but layer {layer} has no `{}` (method.md §6)",
+                            "{} writes through a post-norm, but layer {layer} has no `{}` (docs/method.md §6)",
                             ckpt.config.family.name(),
                             match site {
                                 Site::Attn => "post_attention_layernorm.weight",

@@ -29,15 +29,28 @@ pub struct Args {
     /// exact edit stored in bf16 keeps only rounding, near 2e-3/sqrt(hidden_size).
     #[arg(long, value_name = "TOL", requires = "direction")]
     expect_orthogonal: Option<f64>,
+    /// Without a direction: find whether B is A with a few directions removed from its residual-stream
+    /// writers (an abliteration, any variant), which, where, and how much of the change they explain.
+    #[arg(long, conflicts_with_all = ["direction", "expect_orthogonal"])]
+    detect: bool,
+    /// With --detect: write the detected direction(s) here (a direction file, or a subspace file for k > 1).
+    #[arg(long, value_name = "FILE", requires = "detect")]
+    detected: Option<PathBuf>,
+    /// With --detect: the most shared directions tried.
+    #[arg(long, value_name = "K", default_value_t = 3, requires = "detect")]
+    max_k: usize,
     /// One line per tensor that is not identical, not only one per kind.
     #[arg(short, long)]
     verbose: bool,
     /// Print everything as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: crate::args::Threads,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    args.threads.apply()?;
     if let Some(t) = args.expect_orthogonal
         && !(t.is_finite() && t >= 0.0)
     {
@@ -45,6 +58,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let a = Checkpoint::open(&args.a)?;
     let b = Checkpoint::open(&args.b)?;
+    if args.detect {
+        return detect(&args, &a, &b);
+    }
     let direction = args.direction.as_deref().map(|p| Direction::load(p, b.config.hidden_size)).transpose()?;
     let options = Options { direction: direction.as_ref().map(Direction::unit) };
     let total: u64 = b.tensors().map(|(_, t)| t.nbytes() as u64).sum::<u64>()
@@ -369,4 +385,147 @@ fn change_json(c: &Change) -> Value {
             "alignment": s.alignment,
         })).collect::<Vec<_>>(),
     })
+}
+
+fn layer_ranges(mut layers: Vec<usize>) -> String {
+    layers.sort_unstable();
+    layers.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let mut j = i;
+        while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j { layers[i].to_string() } else { format!("{}-{}", layers[i], layers[j]) });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// `diff --detect`: the `diff::detect` measurements, printed; the direction(s) written on request.
+fn detect(args: &Args, a: &Checkpoint, b: &Checkpoint) -> Result<ExitCode> {
+    use diff::detect::Verdict;
+    if args.max_k == 0 {
+        bail!("--max-k 0: at least one direction must be tried");
+    }
+    let d = diff::detect::detect(a, b, &diff::detect::DetectOptions { max_k: args.max_k })?;
+    let k = d.k();
+    // The layers each kind touches.
+    let mut kinds: Vec<(String, Vec<usize>, usize)> = Vec::new();
+    for w in &d.writers {
+        match kinds.iter_mut().find(|(kd, _, _)| *kd == w.kind) {
+            Some((_, ls, n)) => {
+                ls.extend(w.layer);
+                *n += 1;
+            }
+            None => kinds.push((w.kind.clone(), w.layer.into_iter().collect(), 1)),
+        }
+    }
+    let touched: Vec<Value> = kinds
+        .iter()
+        .map(|(kind, ls, n)| json!({"kind": kind, "tensors": n, "layers": layer_ranges(ls.clone())}))
+        .collect();
+    let norm_change = d.writers.iter().map(|w| w.norm_change).fold(0f64, f64::max);
+    let what = match d.verdict {
+        Verdict::NoWriterChanged => "no residual-stream writer changed: not an abliteration".to_string(),
+        Verdict::Shared { k } => format!(
+            "B is A with {k} shared direction{} removed from its residual-stream writers (an abliteration)",
+            if k == 1 { "" } else { "s" }
+        ),
+        Verdict::PerLayer => "every changed writer changed along one direction of its own, not shared across layers (an abliteration with per-layer directions)"
+            .to_string(),
+        Verdict::NotLowRank => "the writers' changes are not a low-rank edit along a few shared directions: not an abliteration (a fine-tune, e.g. a merged LoRA, changes them otherwise)"
+            .to_string(),
+    };
+    if let Some(path) = &args.detected {
+        let vectors: Vec<f64> = (0..k).flat_map(|m| d.direction(m).to_vec()).collect();
+        let mut md = Map::new();
+        md.insert("source".into(), json!(format!("abliterate {} diff --detect", env!("CARGO_PKG_VERSION"))));
+        md.insert("verdict".into(), json!(d.verdict.label()));
+        md.insert("explained_median".into(), json!(d.explained_median.to_string()));
+        md.insert("note".into(), json!("unit vector(s); the sign of a detected direction is arbitrary"));
+        if k == 1 {
+            direction::write(path, &vectors, checkpoint::Dtype::F32, &md)?;
+        } else {
+            direction::set::write_subspace(path, &vectors, k, checkpoint::Dtype::F32, &md)?;
+        }
+    }
+    let other: Vec<Value> = d.other_changed.iter().map(|(n, kd)| json!({"name": n, "kind": kd})).collect();
+    if args.json {
+        let v = json!({
+            "a": args.a.display().to_string(),
+            "b": args.b.display().to_string(),
+            "verdict": d.verdict.label(),
+            "summary": what,
+            "k": k,
+            "explained_median": d.explained_median,
+            "explained_min": d.explained_min,
+            "strength": d.strength,
+            "changed_writers": d.writers.len(),
+            "unchanged_writers": d.unchanged_writers,
+            "touched": touched,
+            "written_norm_change_max": norm_change,
+            "other_changed": other,
+            "detected": args.detected.as_ref().map(|p| p.display().to_string()),
+            "writers": d.writers.iter().map(|w| json!({
+                "name": w.name, "kind": w.kind, "layer": w.layer, "rel_change": w.rel_change,
+                "explained": w.explained, "own_rank_one": w.own_rank_one, "norm_change": w.norm_change,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("detect `{}` -> `{}`: {what}", args.a.display(), args.b.display());
+    println!(
+        "  changed residual writers: {} ({}); unchanged: {}",
+        d.writers.len(),
+        kinds
+            .iter()
+            .map(|(kd, ls, n)| if ls.is_empty() {
+                format!("{n} {kd}")
+            } else {
+                format!("{n} {kd} (layers {})", layer_ranges(ls.clone()))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        d.unchanged_writers
+    );
+    if !d.writers.is_empty() {
+        let label = if d.verdict == Verdict::PerLayer { "own top direction" } else { "shared direction(s)" };
+        println!(
+            "  share of each writer's change along the {label} (k = {k}): median {:.4}, min {:.4}",
+            d.explained_median, d.explained_min
+        );
+        let e1: Vec<f64> = d.writers.iter().map(|w| w.explained[0]).collect();
+        println!(
+            "  top shared directions' strength: {}; one direction explains a median {:.4} of a writer's change",
+            d.strength.iter().map(|s| format!("{s:.3}")).collect::<Vec<_>>().join(", "),
+            {
+                let mut v = e1;
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            }
+        );
+        println!(
+            "  norms of the written vectors: changed by at most {:.2e}{}",
+            norm_change,
+            if norm_change < 1e-2 { " (consistent with a norm-preserving edit)" } else { "" }
+        );
+    }
+    if other.is_empty() {
+        println!("  no other tensor changed");
+    } else {
+        let names: Vec<String> = d.other_changed.iter().take(6).map(|(n, kd)| format!("`{n}` ({kd})")).collect();
+        println!(
+            "  {} other tensor(s) changed, which weight orthogonalization never touches: {}{}",
+            d.other_changed.len(),
+            names.join(", "),
+            if d.other_changed.len() > 6 { ", ..." } else { "" }
+        );
+    }
+    if let Some(p) = &args.detected {
+        println!("  detected direction{} written to `{}`", if k == 1 { "" } else { "s" }, p.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,7 @@ use crate::progress;
 #[derive(clap::Args, Clone, Debug)]
 pub struct EditOptions {
     /// Remove S times the projection: 1 is the paper's edit, between 0 and 1 attenuates,
-    /// 2 reflects (method.md §6, scale variant).
+    /// 2 reflects (docs/method.md §6, scale).
     #[arg(long, value_name = "S", default_value_t = 1.0, allow_negative_numbers = true)]
     pub scale: f64,
     /// Edit only the writers of these decoder layers, e.g. `0-10,12`. The embedding belongs to no
@@ -57,27 +57,22 @@ pub struct EditOptions {
 }
 
 impl EditOptions {
-    /// The library's options for a model of `layers` layers.
+    /// The library's options for a model of `layers` decoder layers.
     pub fn to_options(&self, layers: usize) -> Result<Options> {
-        let kernel = match &self.kernel_table {
-            Some(path) => LayerKernel::from_table(path, layers)?,
-            None => LayerKernel {
-                attn: self
-                    .kernel_attn
-                    .as_deref()
-                    .map(|s| Tent::parse(s, "--kernel-attn").map(Profile::Tent))
-                    .transpose()?,
-                mlp: self
-                    .kernel_mlp
-                    .as_deref()
-                    .map(|s| Tent::parse(s, "--kernel-mlp").map(Profile::Tent))
-                    .transpose()?,
-                embedding: self.embedding_weight,
-            },
-        };
         if let Some(w) = self.embedding_weight.filter(|w| !w.is_finite()) {
             anyhow::bail!("--embedding-weight {w} is not a finite number");
         }
+        let tent = |spec: &Option<String>, flag: &str| {
+            spec.as_deref().map(|s| Tent::parse(s, flag).map(Profile::Tent)).transpose()
+        };
+        let kernel = match &self.kernel_table {
+            Some(path) => LayerKernel::from_table(path, layers)?,
+            None => LayerKernel {
+                attn: tent(&self.kernel_attn, "--kernel-attn")?,
+                mlp: tent(&self.kernel_mlp, "--kernel-mlp")?,
+                embedding: self.embedding_weight,
+            },
+        };
         Ok(Options {
             scale: self.scale,
             layers: self.layers.as_deref().map(LayerSet::parse).transpose()?,
@@ -118,6 +113,8 @@ pub struct Args {
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: crate::args::Threads,
 }
 
 struct Bar(indicatif::ProgressBar);
@@ -132,6 +129,7 @@ impl edit::Progress for Bar {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    args.threads.apply()?;
     let ckpt = Checkpoint::open(&args.model)?;
     let layers = ckpt.config.num_hidden_layers;
     let direction = Directions::open(&args.direction, ckpt.config.hidden_size, layers, args.candidate)?;

@@ -36,11 +36,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_new_tokens: usize,
     /// Ablate this direction everywhere: x ← x − (x·r̂)r̂ at every layer's input, attention output and
-    /// MLP output (method.md §7; for Gemma 2/3 after their post-norms).
+    /// MLP output (docs/method.md §7; for Gemma 2/3 after their post-norms).
     #[arg(long, value_name = "FILE", conflicts_with = "add")]
     ablate: Option<PathBuf>,
     /// Add COEFF times this (raw, unnormalised) direction to the input of layer L at every position
-    /// (method.md §7, activation addition).
+    /// (docs/method.md §7, activation addition).
     #[arg(long, value_name = "FILE")]
     add: Option<PathBuf>,
     /// With a candidates file (`find`'s candidates.safetensors) for --ablate or --add: which

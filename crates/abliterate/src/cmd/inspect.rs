@@ -2,7 +2,8 @@
 //! shards), which tensors write to the residual stream, how tied embeddings and post-norms are
 //! handled, whether there is a chat template, and what `abliterate edit` would rewrite
 //! (`edit::plan` with the default options). Opening the model validates all of it, so a broken
-//! checkpoint fails here with the same message as in `edit`.
+//! checkpoint fails here with the same message as in `edit`; unknown tensors are listed instead,
+//! with what `edit` does about them.
 //!
 //! Reads headers and config only: no tensor data is decoded.
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
-use checkpoint::{Checkpoint, Head, Role, Site, WriterKind};
+use checkpoint::{Checkpoint, Head, Role, Site, TensorRef, WriterKind};
 use edit::{Options, Plan, Tie, human_bytes};
 use serde_json::{Map, Value, json};
 
@@ -30,8 +31,14 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let ckpt = Checkpoint::open(&args.model)?;
-    let plan = edit::plan(&ckpt, &Options { exclude: args.exclude.clone(), ..Options::default() })?;
-    let info = Info::gather(&ckpt, &plan);
+    // Unknown tensors are listed, not fatal: the plan shown is the edit with them excluded, and
+    // the report says that `edit` refuses them until the user excludes them.
+    let mut options = Options { exclude: args.exclude.clone(), ..Options::default() };
+    let unknown = edit::unknown_tensors(&ckpt, &options)?;
+    options.exclude.extend(unknown.iter().map(|&r| edit::exact_pattern(&ckpt.entry(r).name)));
+    let plan = edit::plan(&ckpt, &options)?;
+    let mut info = Info::gather(&ckpt, &plan);
+    info.unknown = unknown;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info.json(&args.model, &ckpt, &plan))?);
     } else {
@@ -62,12 +69,14 @@ struct Info {
     post_norms: Vec<(String, usize, Site)>,
     dtypes: BTreeMap<String, (usize, u64)>,
     template: Template,
+    /// Tensors `edit` refuses (unknown, not excluded).
+    unknown: Vec<TensorRef>,
 }
 
-/// Where the chat template is.
+/// Where the chat template is, as `chat` finds it (`chat::template`).
 struct Template {
     sources: Vec<Value>,
-    /// Problems reading it (e.g. tokenizer_config.json is not JSON).
+    /// Why `chat` cannot read it (e.g. tokenizer_config.json is not JSON).
     notes: Vec<String>,
 }
 
@@ -100,7 +109,7 @@ impl Info {
             }
         }
         let writers = groups.into_iter().map(|((_, label, fused), g)| ((label, fused), g)).collect();
-        Info { writers, others, post_norms, dtypes, template: Template::find(&ckpt.dir) }
+        Info { writers, others, post_norms, dtypes, template: Template::find(&ckpt.dir), unknown: Vec::new() }
     }
 
     fn human(&self, model: &Path, ckpt: &Checkpoint, plan: &Plan) -> String {
@@ -190,13 +199,34 @@ impl Info {
             let parts: Vec<String> = self.others.iter().map(|(k, n)| format!("{k} {n}")).collect();
             line(format!("other tensors: {n} ({})", parts.join(", ")));
         }
+        if !self.unknown.is_empty() {
+            line(format!(
+                "unknown tensors: {}; edit refuses them: abliterate does not know whether they write to the \
+                 residual stream",
+                self.unknown.len()
+            ));
+            for &r in &self.unknown {
+                let t = ckpt.entry(r);
+                line(format!("  `{}` {:?} {} in `{}`", t.name, t.shape, t.dtype, ckpt.file_of(r)));
+            }
+            line(
+                "  pass --exclude NAME (or a glob) for each one you know does not write to it: edit then copies it \
+                 unchanged"
+                    .into(),
+            );
+        }
         let tie = tie_text(ckpt, plan);
         let mut tie = tie.split("; ");
         line(format!("tied embeddings: {}", tie.next().unwrap_or_default()));
         tie.for_each(|rest| line(format!("  {rest}")));
         line(format!("chat template: {}", self.template.text()));
+        let refused = match self.unknown.len() {
+            0 => String::new(),
+            1 => "refuses the unknown tensor; with it excluded, ".into(),
+            n => format!("refuses the {n} unknown tensors; with them excluded, "),
+        };
         let mut edit = format!(
-            "edit (default options): rewrites {} ({})",
+            "edit (default options): {refused}rewrites {} ({})",
             count(plan.edits.len(), "tensor"),
             human_bytes(plan.edit_bytes())
         );
@@ -205,10 +235,14 @@ impl Info {
         }
         edit.push_str(&format!(", copies {} unchanged ({})", plan.unchanged, human_bytes(plan.unchanged_bytes)));
         line(edit);
-        for e in &plan.excluded {
+        for e in plan.excluded.iter().filter(|e| !self.is_unknown(ckpt, &e.name)) {
             line(format!("  excluded: `{}` ({})", e.name, e.reason));
         }
         out
+    }
+
+    fn is_unknown(&self, ckpt: &Checkpoint, name: &str) -> bool {
+        self.unknown.iter().any(|&r| ckpt.entry(r).name == name)
     }
 
     fn json(&self, model: &Path, ckpt: &Checkpoint, plan: &Plan) -> Value {
@@ -298,6 +332,10 @@ impl Info {
                 "site": match site { Site::Attn => "attn", Site::Mlp => "mlp" },
             })).collect::<Vec<_>>(),
             "other_tensors": self.others,
+            "unknown_tensors": self.unknown.iter().map(|&r| {
+                let t = ckpt.entry(r);
+                json!({"name": t.name, "file": ckpt.file_of(r), "dtype": t.dtype.as_str(), "shape": t.shape})
+            }).collect::<Vec<_>>(),
             "tied_embeddings": {
                 "tied": ckpt.tied(),
                 "config_value": c.tie_word_embeddings,
@@ -328,7 +366,8 @@ impl Info {
                     "bytes": a.bytes,
                 })).collect::<Vec<_>>(),
                 "added_bytes": plan.added_bytes(),
-                "excluded": plan.excluded.iter().map(|e| json!({"name": e.name, "reason": e.reason.to_string()})).collect::<Vec<_>>(),
+                "refused_unknown": self.unknown.len(),
+                "excluded": plan.excluded.iter().filter(|e| !self.is_unknown(ckpt, &e.name)).map(|e| json!({"name": e.name, "reason": e.reason.to_string()})).collect::<Vec<_>>(),
                 "unchanged": plan.unchanged,
                 "unchanged_bytes": plan.unchanged_bytes,
             },
@@ -401,10 +440,9 @@ fn tie_text(ckpt: &Checkpoint, plan: &Plan) -> String {
                 Tie::Untie if identical => "the default edit keeps it as the original embedding and sets \
                                             tie_word_embeddings false (docs/method.md §6)"
                     .to_string(),
-                Tie::Untie => format!(
-                    "the default edit replaces it with the original embedding and sets tie_word_embeddings false \
-                     (docs/method.md §6)"
-                ),
+                Tie::Untie => "the default edit replaces it with the original embedding and sets tie_word_embeddings \
+                               false (docs/method.md §6)"
+                    .to_string(),
                 _ => "the embedding is not edited, so the tie stays".to_string(),
             };
             format!("yes (config.json ties them); {stored}; {edit}")
@@ -423,35 +461,21 @@ fn tie_text(ckpt: &Checkpoint, plan: &Plan) -> String {
 }
 
 impl Template {
-    /// `chat_template` in tokenizer_config.json (a string, or a list of named templates) and/or
-    /// a `chat_template.jinja` file.
+    /// The template `generate` (and every command that chats) would use: `chat::template`.
     fn find(dir: &Path) -> Template {
-        let mut sources = Vec::new();
-        let mut notes = Vec::new();
-        let tc = dir.join("tokenizer_config.json");
-        if let Ok(bytes) = std::fs::read(&tc) {
-            match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) => match v.get("chat_template") {
-                    Some(Value::String(s)) => sources
-                        .push(json!({"file": "tokenizer_config.json", "form": "string", "chars": s.chars().count()})),
-                    Some(Value::Array(list)) => {
-                        let names: Vec<&str> =
-                            list.iter().filter_map(|t| t.get("name").and_then(Value::as_str)).collect();
-                        sources.push(json!({"file": "tokenizer_config.json", "form": "list", "names": names}));
-                    }
-                    Some(Value::Null) | None => {}
-                    Some(_) => {
-                        notes.push("`chat_template` in tokenizer_config.json is neither a string nor a list".into())
-                    }
-                },
-                Err(e) => notes.push(format!("tokenizer_config.json is not valid JSON ({e})")),
+        match chat::template(dir) {
+            Ok(Some(t)) if t.names.is_empty() => Template {
+                sources: vec![
+                    json!({"file": t.file, "form": if t.file == "chat_template.jinja" { "file" } else { "string" }, "chars": t.text.chars().count()}),
+                ],
+                notes: Vec::new(),
+            },
+            Ok(Some(t)) => {
+                Template { sources: vec![json!({"file": t.file, "form": "list", "names": t.names})], notes: Vec::new() }
             }
+            Ok(None) => Template { sources: Vec::new(), notes: Vec::new() },
+            Err(e) => Template { sources: Vec::new(), notes: vec![format!("unreadable: {e}")] },
         }
-        let jinja = dir.join("chat_template.jinja");
-        if let Ok(text) = std::fs::read_to_string(&jinja) {
-            sources.push(json!({"file": "chat_template.jinja", "form": "file", "chars": text.chars().count()}));
-        }
-        Template { sources, notes }
     }
 
     fn text(&self) -> String {
@@ -470,7 +494,7 @@ impl Template {
                 }
             })
             .collect();
-        if parts.is_empty() {
+        if parts.is_empty() && self.notes.is_empty() {
             parts.push("none".into());
         }
         parts.extend(self.notes.iter().cloned());

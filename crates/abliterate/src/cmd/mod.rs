@@ -1,6 +1,7 @@
 //! One module per subcommand: its clap `Args` and its `run`.
 
 pub mod diff;
+pub mod direction;
 pub mod edit;
 pub mod generate;
 pub mod inspect;
