@@ -64,9 +64,10 @@ pub fn cross_entropy(
     Ok(Loss { ce, perplexity: ce.exp(), tokens, sequences: scored.len() })
 }
 
-/// `−log softmax(z)[t]` in f64: `logsumexp(z) − z[t]`.
+/// `−log softmax(z)[t] = logsumexp(z) − z[t]`: each `exp(z_v − max)` in f32 (the logits' own precision,
+/// as the repo computes the loss in the model dtype; relative error ~1e-7), summed in f64 in a fixed order.
 fn nll(z: &[f32], t: usize) -> f64 {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-    lse - z[t] as f64
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = z.iter().map(|&v| (v - max).exp() as f64).sum();
+    max as f64 + sum.ln() - z[t] as f64
 }

@@ -166,21 +166,27 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let o_harmless = logits_of(original, &mut NoHook, &harmless, harmful.len(), progress)?;
     let s_harmful = logits_of(subject_model, subject_hook.as_mut(), &harmful, n_all, progress)?;
     let s_harmless = logits_of(subject_model, subject_hook.as_mut(), &harmless, n_all + harmful.len(), progress)?;
-    let (refusal_tokens, detected) = match &inputs.refusal_tokens {
-        Some(ids) => (ids.clone(), None),
+    // The refusal score is a diagnostic: a model whose refusal tokens cannot be detected (it does not refuse
+    // in a way one token measures) is still verified, without scores, and the report says why.
+    let (refusal_tokens, detected, undetected) = match &inputs.refusal_tokens {
+        Some(ids) => (Some(ids.clone()), None, None),
         None => {
             let mut first = eval::FirstTokens::new(vocab);
             o_harmful.iter().for_each(|z| first.add(true, z));
             o_harmless.iter().for_each(|z| first.add(false, z));
-            let d = first.detect(inputs.chat)?;
-            (d.ids.clone(), Some(d))
+            match first.detect(inputs.chat) {
+                Ok(d) => (Some(d.ids.clone()), Some(d), None),
+                Err(eval::EvalError::Refusal(why)) => (None, None, Some(why)),
+                Err(e) => return Err(e.into()),
+            }
         }
     };
-    if let Some(&t) = refusal_tokens.iter().find(|&&t| t as usize >= vocab) {
+    if let Some(&t) = refusal_tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
         return Err(Error::Input(format!("refusal token {t} is outside the vocabulary of {vocab} ids")));
     }
-    let scores = |rows: &[Vec<f32>]| -> Vec<f64> {
-        rows.iter().map(|z| eval::score::refusal_score(z, &refusal_tokens) as f64).collect()
+    let scores = |rows: &[Vec<f32>]| -> Option<Vec<f64>> {
+        let ids = refusal_tokens.as_ref()?;
+        Some(rows.iter().map(|z| eval::score::refusal_score(z, ids) as f64).collect())
     };
     let kls: Vec<f64> = o_harmless.iter().zip(&s_harmless).map(|(a, b)| eval::score::kl(a, b)).collect();
     let kl = kls.iter().sum::<f64>() / kls.len() as f64;
@@ -236,14 +242,14 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let harmful_report = SetReport {
         source: source(&inputs.harmful.prompts),
         harmful: true,
-        original: arm("original", &inputs.harmful, true, &g_oh, Some(&sc_oh)),
-        edited: arm(label, &inputs.harmful, true, &g_sh, Some(&sc_sh)),
+        original: arm("original", &inputs.harmful, true, &g_oh, sc_oh.as_deref()),
+        edited: arm(label, &inputs.harmful, true, &g_sh, sc_sh.as_deref()),
     };
     let harmless_report = SetReport {
         source: source(&inputs.harmless.prompts),
         harmful: false,
-        original: arm("original", &inputs.harmless, false, &g_on, Some(&sc_on)),
-        edited: arm(label, &inputs.harmless, false, &g_sn, Some(&sc_sn)),
+        original: arm("original", &inputs.harmless, false, &g_on, sc_on.as_deref()),
+        edited: arm(label, &inputs.harmless, false, &g_sn, sc_sn.as_deref()),
     };
     let induced = g_induced.map(|(layer, g)| Induced {
         layer,
@@ -315,6 +321,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         "judge": {"source": inputs.judge.source, "phrases": inputs.judge.phrases(), "match": "substring, case-insensitive, typographic quotes made ASCII"},
         "refusal_tokens": refusal_tokens,
         "refusal_tokens_detected": detected,
+        "refusal_tokens_not_detected": undetected,
         "equivalence_prompts_per_set": opts.equivalence_prompts,
         "activation_addition_coeff": opts.coeff,
     });
