@@ -1,5 +1,6 @@
 //! `cargo xtask bench forward`: the `model` runtime against transformers/PyTorch on the CPU, on the real
-//! test model (SmolLM2-135M-Instruct, float32), same machine, same thread count.
+//! test model (SmolLM2-135M-Instruct, a bf16 checkpoint), same machine, same run, same thread count: ours
+//! with the weights held as f32 and at their stored width (bf16), PyTorch in float32.
 //!
 //! - Prompt processing: 128 chat prompts (`harmless_val[:128]` of the paper's splits, the model's chat
 //!   template with the generation prompt) in 4 batches of 32. PyTorch runs `model(**batch)` on left-padded
@@ -7,8 +8,10 @@
 //!   output), and also with last-position logits only (what `find` needs). Tokens/s counts real tokens.
 //! - Generation: the first 32 prompts in one batch, greedy, exactly 64 new tokens each (`model.generate`
 //!   with `min_new_tokens = max_new_tokens = 64`; ours with no stop ids). New tokens/s.
+//! - The same generation for one prompt (what `abliterate generate` does), ours only.
 //! - Achieved GFLOP/s (useful work: projections, attention over real keys, the LM head rows computed)
 //!   against the machine's f32 matmul peak, measured here with a 2048³ gemm (ours) and `torch.matmul`.
+//! - The peak RSS of the release `abliterate generate` (64 new tokens) with `--weights f32` and `stored`.
 //!
 //! Each timing is the best of `--runs` runs after a warm-up (the machine may be shared). The PyTorch side is
 //! `crates/model/benches/torch_forward.py`, run with `$BENCH_PYTHON` (default `/work/pyenv/venv/bin/python`).

@@ -1,5 +1,5 @@
-//! The options every command that runs the model shares (`--weights`, `--threads`) and loading a model
-//! with a progress bar. Commands flatten [`RuntimeArgs`] into their own arguments and call
+//! The options every command that runs the model shares (`--weights`, and `--threads` from
+//! [`crate::args::Threads`]) and loading a model with a progress bar. Commands flatten [`RuntimeArgs`] into their own arguments and call
 //! [`RuntimeArgs::load`]; the library decides everything else (`model::LoadOptions`).
 
 use std::path::Path;

@@ -371,12 +371,19 @@ fn chat_template_string_list_file_or_none() {
     std::fs::write(dir.join("chat_template.jinja"), "{{ messages }}").unwrap();
     assert_eq!(line(&dir), "chat template: `chat_template.jinja`");
 
+    // Issue 13: inspect reports the template `chat` uses (its discovery, not a copy of it). With a
+    // file and a config template both present, that is the file only.
+    config["chat_template"] = json!("{{ bos_token }}");
+    std::fs::write(&tc, serde_json::to_vec(&config).unwrap()).unwrap();
+    assert_eq!(line(&dir), "chat template: `chat_template.jinja`");
+    let found = chat::template(&dir).unwrap().unwrap();
+    assert_eq!((found.file, found.text.as_str()), ("chat_template.jinja", "{{ messages }}"));
+
+    // A tokenizer_config.json that chat cannot read: inspect says so with chat's own message.
     std::fs::write(&tc, "{").unwrap();
-    assert_eq!(
-        line(&dir),
-        "chat template: `chat_template.jinja`; tokenizer_config.json is not valid JSON (EOF while parsing an object \
-         at line 1 column 1)"
-    );
+    let want = chat::template(&dir).unwrap_err().to_string();
+    assert_eq!(line(&dir), format!("chat template: unreadable: {}", want.replace(&dir.display().to_string(), "MODEL")));
+    assert!(want.contains("tokenizer_config.json"), "{want}");
 }
 
 /// Issue 13: a tied config with a stored `lm_head.weight` is tied (the runtime and transformers 4.57

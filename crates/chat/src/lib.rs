@@ -134,6 +134,39 @@ pub struct Chat {
     pad_id: u32,
 }
 
+/// The chat template of a model directory, as [`Chat::load`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundTemplate {
+    /// The file it comes from, relative to the model directory: `chat_template.jinja` (preferred)
+    /// or `tokenizer_config.json`.
+    pub file: &'static str,
+    /// With a named list in tokenizer_config.json, every name (the `default` one is used).
+    pub names: Vec<String>,
+    pub text: String,
+}
+
+/// Where [`Chat::load`] takes the chat template of `dir` from, and its text: the one definition
+/// of template discovery (`inspect` reports it). `Ok(None)`: the model has no template.
+pub fn template(dir: &Path) -> Result<Option<FoundTemplate>> {
+    find_template(dir, &TokenizerConfig::read(dir)?)
+}
+
+fn find_template(dir: &Path, config: &TokenizerConfig) -> Result<Option<FoundTemplate>> {
+    let jinja = dir.join(CHAT_TEMPLATE_FILE);
+    if let Some(bytes) = config::read_optional(&jinja)? {
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::Invalid { path: jinja, problem: "not UTF-8 text".to_string() })?;
+        return Ok(Some(FoundTemplate { file: CHAT_TEMPLATE_FILE, names: Vec::new(), text }));
+    }
+    let names = match &config.chat_template {
+        Some(serde_json::Value::Array(list)) => {
+            list.iter().filter_map(|t| t.get("name").and_then(serde_json::Value::as_str).map(str::to_string)).collect()
+        }
+        _ => Vec::new(),
+    };
+    Ok(config.default_template()?.map(|text| FoundTemplate { file: TOKENIZER_CONFIG_FILE, names, text }))
+}
+
 impl Chat {
     /// Loads the tokenizer and chat template of the model directory `dir`.
     pub fn load(dir: &Path) -> Result<Chat> {
@@ -149,22 +182,13 @@ impl Chat {
                 let text = std::fs::read_to_string(path).map_err(|cause| Error::Io { path: path.clone(), cause })?;
                 (text, format!("`{}`", path.display()))
             }
-            None => {
-                let jinja = dir.join(CHAT_TEMPLATE_FILE);
-                match config::read_optional(&jinja)? {
-                    Some(bytes) => {
-                        let text = String::from_utf8(bytes).map_err(|_| Error::Invalid {
-                            path: jinja.clone(),
-                            problem: "not UTF-8 text".to_string(),
-                        })?;
-                        (text, format!("`{}`", jinja.display()))
-                    }
-                    None => match config.default_template()? {
-                        Some(text) => (text, format!("`{}`", dir.join(TOKENIZER_CONFIG_FILE).display())),
-                        None => return Err(Error::NoTemplate { dir: dir.to_path_buf() }),
-                    },
+            None => match find_template(dir, &config)? {
+                Some(found) => {
+                    let origin = format!("`{}`", dir.join(found.file).display());
+                    (found.text, origin)
                 }
-            }
+                None => return Err(Error::NoTemplate { dir: dir.to_path_buf() }),
+            },
         };
         let mut template = Template::new(&source, &origin, options.clock)?;
         for (name, value) in &options.template_vars {

@@ -1,6 +1,8 @@
 //! The real test model (SmolLM2-135M-Instruct): our renders, token ids and decoded text equal
 //! transformers' (`fixtures/chat/smollm2.json`, made by `fixtures/chat/make_reference.py` with
-//! transformers 4.57.1), including a Unicode / emoji / whitespace-heavy text set.
+//! transformers 4.57.1), including a Unicode / emoji / whitespace-heavy text set. Only the tokenizer
+//! and template files are needed: they are committed (`fixtures/smollm2/tokenizer/`), so these tests
+//! run in every clone, without the model's weights.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +10,7 @@ use chat::{Chat, Ending, Error, Message, Options, Special};
 use serde_json::Value;
 
 fn model() -> Option<PathBuf> {
-    testutil::smollm2()
+    Some(testutil::smollm2_tokenizer())
 }
 
 fn reference() -> Value {
@@ -353,7 +355,7 @@ mod stream_property {
 
     fn chat() -> Option<&'static Chat> {
         static CHAT: OnceLock<Option<Chat>> = OnceLock::new();
-        CHAT.get_or_init(|| testutil::smollm2().map(|dir| Chat::load(&dir).unwrap())).as_ref()
+        CHAT.get_or_init(|| Some(Chat::load(&testutil::smollm2_tokenizer()).unwrap())).as_ref()
     }
 
     /// Tokens that stress the stream: clean-up patterns (` ,`, ` '`, `n't`, ...), spaces,

@@ -90,6 +90,12 @@ impl Batch {
         Batch { tokens, segments }
     }
 
+    /// The same prompts continuing at position `pos0` (after a shared prefix, `prefix.rs`).
+    pub(crate) fn shifted(&self, pos0: usize) -> Batch {
+        let segments = self.segments.iter().map(|s| Segment { pos0: s.pos0 + pos0, ..*s }).collect();
+        Batch { tokens: self.tokens.clone(), segments }
+    }
+
     /// All token ids, packed.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens

@@ -77,6 +77,19 @@ impl RowCache {
         }
     }
 
+    /// A copy of the first `len` positions, with room for `capacity` (prefix reuse, `prefix.rs`).
+    pub fn extended(&self, capacity: usize, kv_width: usize) -> RowCache {
+        let mut out = RowCache::new(self.layers.len(), capacity.max(self.len), kv_width);
+        for ((kt, v), (new_kt, new_v)) in self.layers.iter().zip(&mut out.layers) {
+            for c in 0..kv_width {
+                new_kt[c * out.capacity..][..self.len].copy_from_slice(&kt[c * self.capacity..][..self.len]);
+            }
+            new_v.extend_from_slice(v);
+        }
+        out.len = self.len;
+        out
+    }
+
     /// The bytes [`RowCache::new`] allocates (saturating).
     pub fn bytes(layers: usize, capacity: usize, kv_width: usize) -> u64 {
         let capacity = capacity.div_ceil(crate::kernels::LANES) as u64 * crate::kernels::LANES as u64;

@@ -16,6 +16,8 @@
 //!   ready-made ones. With no hook ([`NoHook`]) the cost is one `wants` call per site: nothing is copied.
 //! - [`Model::forward_from`] resumes at any layer from a given residual (method.md §5 prefix reuse);
 //!   [`Logits::Last`] computes the LM head for each prompt's last position only.
+//! - [`Model::prefix`] runs a shared prompt prefix once; [`Model::forward_after`] runs prompts' remaining
+//!   tokens against its keys and values (the same computation as the whole prompts).
 //! - [`Model::generate`] decodes greedily, batched, stopping at end-of-turn ids, with hooks active.
 //!
 //! ```no_run
@@ -51,6 +53,7 @@ mod generate;
 mod hooks;
 mod kernels;
 mod load;
+mod prefix;
 mod rope;
 mod weights;
 
@@ -60,6 +63,7 @@ pub use forward::{Forward, Logits, Model};
 pub use generate::{Finish, GenerateOptions, Generation};
 pub use hooks::{Acts, At, Capture, Chain, Hook, Interventions, NoHook, Positions, Site};
 pub use load::{LoadOptions, WORKING_MARGIN, WeightWidth, WeightsInfo, available_memory};
+pub use prefix::Prefix;
 pub use rope::RopeSpec;
 
 use std::path::PathBuf;

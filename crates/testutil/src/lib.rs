@@ -47,6 +47,13 @@ pub fn smollm2() -> Option<PathBuf> {
         .clone()
 }
 
+/// The real test model's tokenizer, chat template and configs without its weights
+/// (`fixtures/smollm2/tokenizer/`, committed): what the tokenizer and template tests need, so that
+/// they run in every clone. A test in this crate checks they are the built model's own files.
+pub fn smollm2_tokenizer() -> PathBuf {
+    fixtures().join("smollm2/tokenizer")
+}
+
 /// The real direction of the shared model (`../shared/directions/smollm2-base-l15.safetensors`).
 pub fn smollm2_direction() -> Option<PathBuf> {
     shared().map(|s| s.join("directions/smollm2-base-l15.safetensors"))

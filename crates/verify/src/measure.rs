@@ -151,7 +151,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let t = Instant::now();
     let n_all = harmful.len() + harmless.len();
     progress.stage("refusal scores and KL", 2 * n_all);
-    let mut logits_of = |model: &Model, hook: &mut dyn Hook, set: &Prompts, base: usize, progress: &mut dyn Progress| {
+    let logits_of = |model: &Model, hook: &mut dyn Hook, set: &Prompts, base: usize, progress: &mut dyn Progress| {
         let mut rows = Vec::with_capacity(set.len());
         set.last_logits(model, hook, &mut |i, z| {
             rows.push(z.to_vec());
@@ -191,22 +191,22 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
 
     // Completions.
     let copts = CompleteOptions { max_new_tokens: opts.max_new_tokens, batch_size: opts.batch_size.max(1) };
-    let mut gen = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, progress: &mut dyn Progress| {
+    let mut generate = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, progress: &mut dyn Progress| {
         let t = Instant::now();
         progress.stage(name, set.ids.len());
         let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| progress.advance(n))?;
         seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
         Ok::<_, Error>(out)
     };
-    let g_oh = gen("original harmful", original, &mut NoHook, &inputs.harmful, progress)?;
-    let g_on = gen("original harmless", original, &mut NoHook, &inputs.harmless, progress)?;
-    let g_sh = gen(&format!("{label} harmful"), subject_model, subject_hook.as_mut(), &inputs.harmful, progress)?;
-    let g_sn = gen(&format!("{label} harmless"), subject_model, subject_hook.as_mut(), &inputs.harmless, progress)?;
+    let g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, progress)?;
+    let g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, progress)?;
+    let g_sh = generate(&format!("{label} harmful"), subject_model, subject_hook.as_mut(), &inputs.harmful, progress)?;
+    let g_sn = generate(&format!("{label} harmless"), subject_model, subject_hook.as_mut(), &inputs.harmless, progress)?;
     let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
     let g_induced = match induce_at {
         Some((d, layer)) => {
             let mut add = Interventions::activation_addition(layers, layer, &d.values, opts.coeff)?;
-            Some((layer, gen("induced harmless", original, &mut add, &inputs.harmless, progress)?))
+            Some((layer, generate("induced harmless", original, &mut add, &inputs.harmless, progress)?))
         }
         None => None,
     };

@@ -73,10 +73,10 @@ struct Info {
     unknown: Vec<TensorRef>,
 }
 
-/// Where the chat template is.
+/// Where the chat template is, as `chat` finds it (`chat::template`).
 struct Template {
     sources: Vec<Value>,
-    /// Problems reading it (e.g. tokenizer_config.json is not JSON).
+    /// Why `chat` cannot read it (e.g. tokenizer_config.json is not JSON).
     notes: Vec<String>,
 }
 
@@ -461,35 +461,21 @@ fn tie_text(ckpt: &Checkpoint, plan: &Plan) -> String {
 }
 
 impl Template {
-    /// `chat_template` in tokenizer_config.json (a string, or a list of named templates) and/or
-    /// a `chat_template.jinja` file.
+    /// The template `generate` (and every command that chats) would use: `chat::template`.
     fn find(dir: &Path) -> Template {
-        let mut sources = Vec::new();
-        let mut notes = Vec::new();
-        let tc = dir.join("tokenizer_config.json");
-        if let Ok(bytes) = std::fs::read(&tc) {
-            match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) => match v.get("chat_template") {
-                    Some(Value::String(s)) => sources
-                        .push(json!({"file": "tokenizer_config.json", "form": "string", "chars": s.chars().count()})),
-                    Some(Value::Array(list)) => {
-                        let names: Vec<&str> =
-                            list.iter().filter_map(|t| t.get("name").and_then(Value::as_str)).collect();
-                        sources.push(json!({"file": "tokenizer_config.json", "form": "list", "names": names}));
-                    }
-                    Some(Value::Null) | None => {}
-                    Some(_) => {
-                        notes.push("`chat_template` in tokenizer_config.json is neither a string nor a list".into())
-                    }
-                },
-                Err(e) => notes.push(format!("tokenizer_config.json is not valid JSON ({e})")),
+        match chat::template(dir) {
+            Ok(Some(t)) if t.names.is_empty() => Template {
+                sources: vec![
+                    json!({"file": t.file, "form": if t.file == "chat_template.jinja" { "file" } else { "string" }, "chars": t.text.chars().count()}),
+                ],
+                notes: Vec::new(),
+            },
+            Ok(Some(t)) => {
+                Template { sources: vec![json!({"file": t.file, "form": "list", "names": t.names})], notes: Vec::new() }
             }
+            Ok(None) => Template { sources: Vec::new(), notes: Vec::new() },
+            Err(e) => Template { sources: Vec::new(), notes: vec![format!("unreadable: {e}")] },
         }
-        let jinja = dir.join("chat_template.jinja");
-        if let Ok(text) = std::fs::read_to_string(&jinja) {
-            sources.push(json!({"file": "chat_template.jinja", "form": "file", "chars": text.chars().count()}));
-        }
-        Template { sources, notes }
     }
 
     fn text(&self) -> String {
@@ -508,7 +494,7 @@ impl Template {
                 }
             })
             .collect();
-        if parts.is_empty() {
+        if parts.is_empty() && self.notes.is_empty() {
             parts.push("none".into());
         }
         parts.extend(self.notes.iter().cloned());

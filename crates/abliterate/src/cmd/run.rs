@@ -12,7 +12,7 @@
 //! for the same OUT). A model that does not refuse stops at `find` with its message, before anything is
 //! written. Options of the three parts pass through; one progress display (a bar per stage) runs throughout.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -117,28 +117,33 @@ pub struct Args {
 
 /// One progress display for the whole run: a bar per stage, prefixed with the part.
 struct Display {
-    bar: RefCell<Option<indicatif::ProgressBar>>,
+    bar: Mutex<Option<indicatif::ProgressBar>>,
 }
 
 impl Display {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<indicatif::ProgressBar>> {
+        // A bar is display only: a panic elsewhere while it was held leaves nothing to protect.
+        self.bar.lock().unwrap_or_else(|e| e.into_inner())
+    }
     fn start(&self, label: &str, total: u64, bytes: bool) {
-        if let Some(b) = self.bar.borrow_mut().take() {
+        let mut bar = self.lock();
+        if let Some(b) = bar.take() {
             b.finish_and_clear();
         }
-        *self.bar.borrow_mut() = Some(progress::bar(total, label, bytes));
+        *bar = Some(progress::bar(total, label, bytes));
     }
     fn set(&self, done: u64) {
-        if let Some(b) = &*self.bar.borrow() {
+        if let Some(b) = &*self.lock() {
             b.set_position(done);
         }
     }
     fn inc(&self, n: u64) {
-        if let Some(b) = &*self.bar.borrow() {
+        if let Some(b) = &*self.lock() {
             b.inc(n);
         }
     }
     fn clear(&self) {
-        if let Some(b) = self.bar.borrow_mut().take() {
+        if let Some(b) = self.lock().take() {
             b.finish_and_clear();
         }
     }
@@ -217,7 +222,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let chat = Chat::load(&args.model)?;
     let refusal_tokens = verify_cmd::refusal_token_ids(&chat, &args.refusal_tokens)?;
     let system = args.system.system();
-    let display = Display { bar: RefCell::new(None) };
+    let display = Display { bar: Mutex::new(None) };
     let model = args.runtime.load(&args.model)?;
     let meta = find::output::Meta::for_checkpoint(model.checkpoint())?;
     let mut seconds = serde_json::Map::new();

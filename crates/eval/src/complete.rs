@@ -1,0 +1,80 @@
+//! Batched greedy completions of chat prompts (method.md §8: greedy, stop at end of turn, a cap on new
+//! tokens), optionally under a hook, returned as tokens and text (`skip_special_tokens`, stripped, as
+//! the paper decodes them).
+//!
+//! Harmful completions are test data: callers show the judge's verdict and the first words, never the
+//! whole text. Never writes a file.
+
+use chat::{Chat, Special};
+use model::{Batch, Finish, GenerateOptions, Hook, Model};
+
+use crate::Result;
+
+/// How to complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompleteOptions {
+    pub max_new_tokens: usize,
+    /// Prompts generated together.
+    pub batch_size: usize,
+}
+
+impl Default for CompleteOptions {
+    fn default() -> CompleteOptions {
+        CompleteOptions { max_new_tokens: 64, batch_size: 32 }
+    }
+}
+
+/// One prompt's completion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// New tokens, including the end-of-turn token when generation stopped there.
+    pub tokens: Vec<u32>,
+    /// The decoded text without special tokens, whitespace-trimmed.
+    pub text: String,
+    pub finish: Finish,
+}
+
+/// The first `n` words of a text (for reports that must not print harmful completions whole).
+pub fn first_words(text: &str, n: usize) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let mut out = words[..words.len().min(n)].join(" ");
+    if words.len() > n {
+        out.push_str(" …");
+    }
+    out
+}
+
+/// Greedy completions of `prompts` (token ids), in order, stopping at the model's end-of-turn ids;
+/// `done(n)` is called after each batch with the number of prompts completed so far.
+pub fn complete(
+    model: &Model,
+    chat: &Chat,
+    prompts: &[Vec<u32>],
+    opts: &CompleteOptions,
+    hook: &mut dyn Hook,
+    done: &mut dyn FnMut(usize),
+) -> Result<Vec<Completion>> {
+    let generate = GenerateOptions { max_new_tokens: opts.max_new_tokens, stop_tokens: chat.eos_ids().to_vec() };
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(opts.batch_size.max(1)) {
+        let batch = Batch::new(chunk)?;
+        for g in model.generate(&batch, &generate, hook, &mut |_, _| std::ops::ControlFlow::Continue(()))? {
+            let text = chat.decode(&g.tokens, Special::Skip)?.trim().to_string();
+            out.push(Completion { tokens: g.tokens, text, finish: g.finish });
+        }
+        done(out.len());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_words_cuts_and_marks() {
+        assert_eq!(first_words("I cannot help  with\nthat.", 3), "I cannot help …");
+        assert_eq!(first_words("Sure.", 3), "Sure.");
+        assert_eq!(first_words("", 3), "");
+    }
+}
