@@ -210,4 +210,63 @@ fn real_model_edits_are_detected_and_a_merged_lora_is_not() {
         assert!(cos2 >= 0.9999, "{name}: {cos2}");
         assert_eq!(v["changed_writers"], 61);
     }
+    // A tent kernel (attention and MLP around layer 15, embedding left): fewer writers, the same direction.
+    let kernel = LayerKernel {
+        attn: Some(Profile::Tent(Tent { peak: 1.0, position: 15.0, min: 0.3, width: 8.0 })),
+        mlp: Some(Profile::Tent(Tent { peak: 0.8, position: 12.0, min: 0.2, width: 6.0 })),
+        embedding: Some(0.0),
+    };
+    let out = tmp.path().join("kernel");
+    edit_with(&base, &r, &Options { kernel, ..Options::default() }, &out);
+    let det = tmp.path().join("kernel.safetensors");
+    let v = detect(&base, &out, &["--detected", s(&det)]);
+    let found = direction::Direction::load(&det, ckpt.config.hidden_size).unwrap().unit();
+    let cos2 = in_span(r.for_layer(None), &found);
+    eprintln!("SmolLM2 tent kernel: {} over {} writers, cos² {cos2:.6}", v["verdict"], v["changed_writers"]);
+    assert_eq!(v["verdict"], "shared_rank_1", "{v:#}");
+    assert_eq!(v["changed_writers"], 17 + 13);
+    assert!(cos2 >= 0.9999);
+    // A subspace of two real directions (the base model's and the refusing model's reference direction).
+    let Some(shared) = testutil::shared() else { unreachable!("the models were built from ../shared") };
+    let sub_file = tmp.path().join("sub.safetensors");
+    let reference = shared.join("reference/direction.safetensors");
+    let run = abliterate(["direction", "stack", s(&dir_file), s(&reference), "-o", s(&sub_file)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let sub = Directions::open(&sub_file, 576, 30, None).unwrap();
+    let out = tmp.path().join("sub");
+    edit_with(&base, &sub, &Options::default(), &out);
+    let det = tmp.path().join("sub-detected.safetensors");
+    let v = detect(&base, &out, &["--detected", s(&det)]);
+    let found = Directions::open(&det, 576, 30, None).unwrap();
+    let spans: Vec<f64> = (0..2).map(|m| in_span(sub.for_layer(None), found.for_layer(None).vector(m))).collect();
+    eprintln!(
+        "SmolLM2 subspace of 2: {} (median {:.5}), detected vectors in the span {spans:?}",
+        v["verdict"],
+        v["explained_median"].as_f64().unwrap()
+    );
+    assert_eq!(v["verdict"], "shared_rank_2", "{v:#}");
+    assert!(spans.iter().all(|&x| x >= 0.999));
+    // Per-layer directions: the refusing model edited with the reference's own candidates at position -1.
+    let cands = shared.join("reference/candidates.safetensors");
+    let pl = tmp.path().join("per_layer.safetensors");
+    let run = abliterate(["direction", "per-layer", s(&cands), "--position", "-1", "-o", s(&pl)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let per_layer = Directions::open(&pl, 576, 30, None).unwrap();
+    let out = tmp.path().join("per_layer");
+    edit_with(&refusal, &per_layer, &Options::default(), &out);
+    let v = detect(&refusal, &out, &[]);
+    eprintln!(
+        "refusing SmolLM2 with per-layer candidates: {} (median {:.5}, min {:.5}); one shared direction explains a median {:.3}",
+        v["verdict"],
+        v["explained_median"].as_f64().unwrap(),
+        v["explained_min"].as_f64().unwrap(),
+        {
+            let mut e: Vec<f64> =
+                v["writers"].as_array().unwrap().iter().map(|w| w["explained"][0].as_f64().unwrap()).collect();
+            e.sort_by(f64::total_cmp);
+            e[e.len() / 2]
+        }
+    );
+    let verdict = v["verdict"].as_str().unwrap();
+    assert!(verdict == "per_layer_rank_1" || verdict.starts_with("shared_rank_"), "{v:#}");
 }

@@ -444,7 +444,85 @@ pub fn rewrite_k(
     if k == 1 && factor.is_none() {
         return rewrite(dtype, view, rows, input, units, c, scale, output);
     }
+    if factor.is_none() {
+        return dispatch!(dtype, rewrite_subspace::<E>(view, rows, input, units, c, scale, output));
+    }
     dispatch!(dtype, rewrite_general::<E>(view, rows, input, units, c, scale, factor, output))
+}
+
+/// A subspace without factors on the fast runs: per row, `t = Σ_m u_{m,i} c_{m,q}` (in increasing `m`) is
+/// formed first, then the run `W − s · (t · 1)` rounds it; `t · 1 = t` exactly, so these are the bits of
+/// [`rewrite_general`].
+#[allow(clippy::too_many_arguments)]
+fn rewrite_subspace<E: Elem>(
+    view: View,
+    rows: Range<usize>,
+    input: &[u8],
+    units: &[f64],
+    c: &[f64],
+    scale: f64,
+    output: &mut [u8],
+) -> f64 {
+    assert_eq!(input.len(), rows.len() * view.inner * E::SIZE, "rewrite: input must hold exactly `rows`");
+    assert_eq!(output.len(), input.len(), "rewrite: output and input have the same length");
+    let (d, cols) = (view.d, view.columns());
+    let k = units.len() / d;
+    let row_bytes = view.inner * E::SIZE;
+    if row_bytes == 0 {
+        return 0.0;
+    }
+    let rows_per_task = (REWRITE_BLOCK / view.inner.max(1)).max(1);
+    output
+        .par_chunks_mut(rows_per_task * row_bytes)
+        .zip(input.par_chunks(rows_per_task * row_bytes))
+        .enumerate()
+        .map(|(task, (out, inp))| {
+            let r0 = rows.start + task * rows_per_task;
+            let r1 = r0 + inp.len() / row_bytes;
+            let mut max_change = 0f64;
+            let mut t = Vec::new();
+            let mut r = r0;
+            while r < r1 {
+                let (o, i0) = (r / d, r % d);
+                let i1 = (i0 + r1 - r).min(d);
+                let span = (r - r0) * row_bytes..(r - r0 + i1 - i0) * row_bytes;
+                let (o_slab, i_slab) = (&mut out[span.clone()], &inp[span]);
+                let run = if view.inner == 1 {
+                    // One column (o) per slab, rows i0..i1: t_i = Σ_m u_{m,i} c_{m,o}.
+                    t.clear();
+                    t.extend((i0..i1).map(|i| {
+                        let mut acc = units[i] * c[o];
+                        for m in 1..k {
+                            acc += units[m * d + i] * c[m * cols + o];
+                        }
+                        acc
+                    }));
+                    E::rewrite_run(i_slab, o_slab, &t, 1.0, scale)
+                } else {
+                    let mut worst = 0f64;
+                    for (n, (o_row, i_row)) in
+                        o_slab.chunks_exact_mut(row_bytes).zip(i_slab.chunks_exact(row_bytes)).enumerate()
+                    {
+                        let i = i0 + n;
+                        t.clear();
+                        t.extend((0..view.inner).map(|j| {
+                            let q = o * view.inner + j;
+                            let mut acc = units[i] * c[q];
+                            for m in 1..k {
+                                acc += units[m * d + i] * c[m * cols + q];
+                            }
+                            acc
+                        }));
+                        worst = worst.max(E::rewrite_run(i_row, o_row, &t, 1.0, scale));
+                    }
+                    worst
+                };
+                max_change = max_change.max(run);
+                r += i1 - i0;
+            }
+            max_change
+        })
+        .reduce(|| 0.0, f64::max)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -718,6 +796,22 @@ mod tests {
         let mut general = vec![0u8; bytes.len()];
         rewrite_general::<Bf16>(view, 0..view.rows(), &bytes, &u1, &c, 0.8, None, &mut general);
         assert_eq!(fast, general);
+        // A subspace without factors takes its own fast path; the general path gives the same bits.
+        let fast = edit(7, 2, &units, false);
+        let mut c = vec![0f64; 2 * view.columns()];
+        accumulate_k(Dtype::BF16, view, 0..view.rows(), &bytes, &units, &mut c, None);
+        let mut general = vec![0u8; bytes.len()];
+        rewrite_general::<Bf16>(view, 0..view.rows(), &bytes, &units, &c, 0.8, None, &mut general);
+        assert_eq!(fast, general);
+        // And for an embedding-like view (inner 1).
+        let emb = View::new((24, 16, 1));
+        let eb = &bytes[..emb.rows() * 2];
+        let mut c = vec![0f64; 2 * emb.columns()];
+        accumulate_k(Dtype::BF16, emb, 0..emb.rows(), eb, &units, &mut c, None);
+        let (mut x, mut y) = (vec![0u8; eb.len()], vec![0u8; eb.len()]);
+        rewrite_k(Dtype::BF16, emb, 0..emb.rows(), eb, &units, &c, 1.0, None, &mut x);
+        rewrite_general::<Bf16>(emb, 0..emb.rows(), eb, &units, &c, 1.0, None, &mut y);
+        assert_eq!(x, y);
     }
 
     /// Random tensors: a view, values of moderate range, and a direction.
