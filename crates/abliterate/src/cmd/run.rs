@@ -12,9 +12,9 @@
 //! for the same OUT). A model that does not refuse stops at `find` with its message, before anything is
 //! written. Options of the three parts pass through; one progress display (a bar per stage) runs throughout.
 
-use std::sync::Mutex;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -203,7 +203,8 @@ fn move_up(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from).with_context(|| format!("reading `{}`", from.display()))? {
         let e = e?;
         let dest = to.join(e.file_name());
-        std::fs::rename(e.path(), &dest).with_context(|| format!("moving `{}` into `{}`", e.path().display(), to.display()))?;
+        std::fs::rename(e.path(), &dest)
+            .with_context(|| format!("moving `{}` into `{}`", e.path().display(), to.display()))?;
     }
     std::fs::remove_dir(from).with_context(|| format!("removing `{}`", from.display()))
 }
@@ -302,7 +303,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }),
     };
     let gates = verify_cmd::gates(&args.verify);
-    let mut report = measure::verify(&inputs, &verify_cmd::measure_options(&args.verify, args.batch_size), &gates, &mut VerifyBar(&display))?;
+    let mut report = measure::verify(
+        &inputs,
+        &verify_cmd::measure_options(&args.verify, args.batch_size),
+        &gates,
+        &mut VerifyBar(&display),
+    )?;
     display.clear();
     drop(edited);
     seconds.insert("verify".into(), json!(t.elapsed().as_secs_f64()));
@@ -449,7 +455,8 @@ mod card {
         if let Some(d) = &r.damage {
             writeln!(md, "| first-token KL(original ‖ edited), harmless prompts, mean | — | {:.4} |", d.kl).unwrap();
             if let (Some(a), Some(b)) = (&d.ce_original, &d.ce_edited) {
-                writeln!(md, "| cross-entropy on the original's own harmless answers | {:.4} | {:.4} |", a.ce, b.ce).unwrap();
+                writeln!(md, "| cross-entropy on the original's own harmless answers | {:.4} | {:.4} |", a.ce, b.ce)
+                    .unwrap();
             }
         }
         if let Some(i) = &r.induced {
