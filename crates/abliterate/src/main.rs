@@ -35,10 +35,10 @@ enum Command {
     Direction(cmd::direction::Args),
     /// Measure what an edit did: refusal, over-refusal, KL, cross-entropy, equivalence to the hooks,
     /// induced refusal; gates for CI. Without EDITED, previews --direction on hooks.
-    Verify(cmd::verify::Args),
+    Verify(Box<cmd::verify::Args>),
     /// find -> edit -> verify in one command: the edited model with a model card, the direction and both
     /// reports, in OUT.
-    Run(cmd::run::Args),
+    Run(Box<cmd::run::Args>),
 }
 
 fn main() -> ExitCode {
@@ -50,8 +50,8 @@ fn main() -> ExitCode {
         Command::Diff(a) => cmd::diff::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Direction(a) => cmd::direction::run(a),
-        Command::Verify(a) => cmd::verify::run(a),
-        Command::Run(a) => cmd::run::run(a),
+        Command::Verify(a) => cmd::verify::run(*a),
+        Command::Run(a) => cmd::run::run(*a),
     };
     match result {
         Ok(code) => code,

@@ -68,7 +68,7 @@ pub struct Direction {
 /// What is compared with the original.
 pub enum Subject<'a> {
     /// An edited checkpoint, with its manifest if it has one.
-    Edited { model: &'a Model, path: String, record: Option<EditRecord> },
+    Edited { model: &'a Model, path: String, record: Option<Box<EditRecord>> },
     /// The original under directional ablation of the direction (a preview; needs a direction).
     Hooks,
 }
@@ -122,13 +122,13 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     if inputs.harmful.ids.is_empty() || inputs.harmless.ids.is_empty() {
         return Err(Error::Input("verify needs at least one harmful and one harmless prompt".into()));
     }
-    if let Some(d) = &inputs.direction {
-        if d.values.len() != hidden {
-            return Err(Error::Input(format!(
-                "the direction has length {} but the model's hidden size is {hidden}",
-                d.values.len()
-            )));
-        }
+    if let Some(d) = &inputs.direction
+        && d.values.len() != hidden
+    {
+        return Err(Error::Input(format!(
+            "the direction has length {} but the model's hidden size is {hidden}",
+            d.values.len()
+        )));
     }
     let ablation = match (&inputs.subject, &inputs.direction) {
         (Subject::Hooks, Some(d)) => Some(Interventions::ablation(layers, &d.values)?),

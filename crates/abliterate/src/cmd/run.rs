@@ -24,8 +24,8 @@ use eval::{Formatter, Judge, Split};
 use find::{Sampling, SelectOptions, Sets, Stage};
 use serde_json::json;
 use verify::EditRecord;
-use verify::report::DirectionInfo;
 use verify::measure::{self, Inputs, Set, Subject};
+use verify::report::DirectionInfo;
 
 use crate::cmd::edit::EditOptions;
 use crate::cmd::verify::{self as verify_cmd, SystemOptions, VerifyOptions};
@@ -287,7 +287,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         original: &model,
         original_path: args.model.display().to_string(),
         chat: &chat,
-        subject: Subject::Edited { model: &edited, path: out_name.clone(), record: EditRecord::read(temp.path())? },
+        subject: Subject::Edited {
+            model: &edited,
+            path: out_name.clone(),
+            record: EditRecord::read(temp.path())?.map(Box::new),
+        },
         direction: Some(measure::Direction {
             values: direction.values.clone(),
             layer: Some(args.verify.layer.unwrap_or(layer)),

@@ -286,17 +286,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let edited = args.edited.as_deref().map(|e| args.runtime.load(e)).transpose()?;
     let record = args.edited.as_deref().map(EditRecord::read).transpose()?.flatten();
     let direction = args.direction.as_deref().map(|p| Direction::open(p, arch.hidden, args.candidate)).transpose()?;
-    if let (Some(r), Some(d)) = (&record, &direction) {
-        if r.direction_sha256 != d.sha256 {
-            bail!(
-                "direction `{}` (sha256 {}) is not the one `{}` was edited with (sha256 {}, recorded in {})",
-                d.path.display(),
-                &d.sha256[..12],
-                args.edited.as_ref().expect("a record comes from EDITED").display(),
-                &r.direction_sha256[..12.min(r.direction_sha256.len())],
-                r.path.display()
-            );
-        }
+    if let (Some(r), Some(d)) = (&record, &direction)
+        && r.direction_sha256 != d.sha256
+    {
+        bail!(
+            "direction `{}` (sha256 {}) is not the one `{}` was edited with (sha256 {}, recorded in {})",
+            d.path.display(),
+            &d.sha256[..12],
+            args.edited.as_ref().expect("a record comes from EDITED").display(),
+            &r.direction_sha256[..12.min(r.direction_sha256.len())],
+            r.path.display()
+        );
     }
     let layer = direction.as_ref().map(|d| direction_layer(d, args.opts.layer, arch.layers)).transpose()?.flatten();
     let refusal_tokens = match refusal_token_ids(&chat, &args.refusal_tokens)? {
@@ -308,7 +308,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Ok(Set { prompts: p, ids })
     };
     let subject = match (&edited, &args.edited) {
-        (Some(model), Some(path)) => Subject::Edited { model, path: path.display().to_string(), record },
+        (Some(model), Some(path)) => {
+            Subject::Edited { model, path: path.display().to_string(), record: record.map(Box::new) }
+        }
         _ => Subject::Hooks,
     };
     let inputs = Inputs {
