@@ -159,3 +159,25 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
         found.timings
     );
 }
+
+#[test]
+fn paper_sampling_draws_the_reference_lists_from_the_papers_splits() {
+    let Some(shared) = testutil::shared() else {
+        eprintln!("skipping: ../shared is absent, so the paper's splits and the reference lists are not here");
+        return;
+    };
+    let splits = shared.join("datasets/refusal_direction/splits");
+    let read = |name: &str| eval::prompts::read(&splits.join(format!("{name}.json"))).unwrap();
+    let sets = Sets {
+        harmful_train: read("harmful_train"),
+        harmless_train: read("harmless_train"),
+        harmful_val: read("harmful_val"),
+        harmless_val: read("harmless_val"),
+    };
+    let drawn = find::sample(&sets, 128, 32, find::Sampling::Paper).unwrap();
+    let prompts = json(&shared.join("reference/prompts.json"));
+    for (name, list) in drawn.as_array() {
+        let got: Vec<String> = list.iter().map(|p| p.instruction.clone()).collect();
+        assert_eq!(got, strings(&prompts[name]), "{name}");
+    }
+}
