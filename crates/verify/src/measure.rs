@@ -311,7 +311,11 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         _ => None,
     };
 
-    let damage = Some(Damage { kl, kl_max, ce_original, ce_edited });
+    // KL where the original answered: what the edit changed where it was not meant to change anything.
+    let answered: Vec<f64> =
+        kls.iter().zip(&harmless_report.original.completions).filter(|(_, c)| !c.refused).map(|(k, _)| *k).collect();
+    let kl_answered = (!answered.is_empty()).then(|| answered.iter().sum::<f64>() / answered.len() as f64);
+    let damage = Some(Damage { kl, kl_max, kl_answered, answered: answered.len(), ce_original, ce_edited });
     let measured = Measured {
         harmful_refusal: Some(harmful_report.edited.refusal.rate),
         harmless_refusal: Some(harmless_report.edited.refusal.rate),

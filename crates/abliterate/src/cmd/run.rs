@@ -24,6 +24,7 @@ use eval::{Formatter, Judge, Split};
 use find::{Sampling, SelectOptions, Sets, Stage};
 use serde_json::json;
 use verify::EditRecord;
+use verify::report::DirectionInfo;
 use verify::measure::{self, Inputs, Set, Subject};
 
 use crate::cmd::edit::EditOptions;
@@ -290,7 +291,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         direction: Some(measure::Direction {
             values: direction.values.clone(),
             layer: Some(args.verify.layer.unwrap_or(layer)),
-            info: verify_cmd::direction_info(&direction, Some(layer)),
+            // Where the direction will be once OUT is in place, not the temporary directory it is read from.
+            info: DirectionInfo {
+                path: args.output.join("find").join(find::output::DIRECTION).display().to_string(),
+                ..verify_cmd::direction_info(&direction, Some(layer))
+            },
         }),
         harmful: set(args.eval_harmful.as_deref(), Split::HarmfulEval)?,
         harmless: set(args.eval_harmless.as_deref(), Split::HarmlessEval)?,
@@ -454,6 +459,10 @@ mod card {
         }
         if let Some(d) = &r.damage {
             writeln!(md, "| first-token KL(original ‖ edited), harmless prompts, mean | — | {:.4} |", d.kl).unwrap();
+            if let Some(k) = d.kl_answered {
+                writeln!(md, "| the same, on the {} harmless prompts the original answered | — | {k:.4} |", d.answered)
+                    .unwrap();
+            }
             if let (Some(a), Some(b)) = (&d.ce_original, &d.ce_edited) {
                 writeln!(md, "| cross-entropy on the original's own harmless answers | {:.4} | {:.4} |", a.ce, b.ce)
                     .unwrap();

@@ -385,7 +385,10 @@ pub fn print_summary(r: &Report, out: Option<&Path>) {
         score(r.harmless.edited.mean_score)
     );
     if let Some(d) = &r.damage {
-        println!("  first-token KL(original ‖ {e}), harmless: mean {:.4}, max {:.4}", d.kl, d.kl_max);
+        let answered = d
+            .kl_answered
+            .map_or(String::new(), |k| format!("; mean {k:.4} on the {} the original answered", d.answered));
+        println!("  first-token KL(original ‖ {e}), harmless: mean {:.4}, max {:.4}{answered}", d.kl, d.kl_max);
         if let (Some(a), Some(b)) = (&d.ce_original, &d.ce_edited) {
             println!(
                 "  cross-entropy on the original's harmless completions: {:.4} -> {:.4} ({} tokens)",
