@@ -1,5 +1,5 @@
-//! `cargo xtask bench run [--model DIR] [--runs N] [--dir DIR] [--keep]`: end-to-end wall time and peak RSS
-//! of `abliterate run MODEL -o OUT` (find, edit, verify with defaults; release build, under
+//! `cargo xtask bench run [--model DIR] [--runs N] [--dir DIR] [--keep] [-- RUN_ARGS...]`: end-to-end wall
+//! time and peak RSS of `abliterate run MODEL -o OUT [RUN_ARGS]` (find, edit, verify; release build, under
 //! `/usr/bin/time -v`) on the real refusing model, against the paper's own pipeline on the same model and
 //! machine (`../shared/reference/timings.json`). Issue 12's target: at least 5x faster end to end.
 //!
@@ -39,10 +39,12 @@ struct Opts {
     runs: usize,
     dir: PathBuf,
     keep: bool,
+    /// Passed to `abliterate run` after `-o OUT --force --json` (e.g. the paper's prompt files).
+    extra: Vec<String>,
 }
 
 fn parse(args: &[&str], root: &Path) -> Result<Opts> {
-    let mut o = Opts { model: None, runs: 1, dir: root.join("target/bench-run"), keep: false };
+    let mut o = Opts { model: None, runs: 1, dir: root.join("target/bench-run"), keep: false, extra: Vec::new() };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match *a {
@@ -50,6 +52,7 @@ fn parse(args: &[&str], root: &Path) -> Result<Opts> {
             "--runs" => o.runs = it.next().context("--runs needs a number")?.parse()?,
             "--dir" => o.dir = PathBuf::from(it.next().context("--dir needs a path")?),
             "--keep" => o.keep = true,
+            "--" => o.extra = it.by_ref().map(|a| a.to_string()).collect(),
             other => bail!("unknown option `{other}`; see xtask/src/bench_run.rs"),
         }
     }
@@ -88,7 +91,13 @@ pub fn run(args: &[&str]) -> Result<()> {
     let mut walls = Vec::new();
     let (mut rss, mut cpu, mut last) = (0u64, Vec::new(), Value::Null);
     for i in 0..o.runs {
-        let t = host::timed(&format!("{} run {} -o {} --force --json", bin.display(), model.display(), out.display()))?;
+        let extra = o.extra.join(" ");
+        let t = host::timed(&format!(
+            "{} run {} -o {} --force --json {extra}",
+            bin.display(),
+            model.display(),
+            out.display()
+        ))?;
         eprintln!(
             "run {}: {:.1} s wall, {:.1} s CPU, peak RSS {} MB (load {})",
             i + 1,

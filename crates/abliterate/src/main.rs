@@ -1,7 +1,7 @@
 //! The `abliterate` command line: a thin layer over the library crates. This is the only crate
 //! that knows clap, terminals, progress bars and JSON output.
 //!
-//! Exit codes: 0 success, 1 a gate failed (`diff --expect-orthogonal`, later `verify`), 2 an error.
+//! Exit codes: 0 success, 1 a gate failed (`diff --expect-orthogonal`, `verify`, `run`), 2 an error.
 
 use std::process::ExitCode;
 
@@ -33,6 +33,12 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Derive and combine direction files: projected, subspaces, per-layer, interpolated, imported, exported.
     Direction(cmd::direction::Args),
+    /// Measure what an edit did: refusal, over-refusal, KL, cross-entropy, equivalence to the hooks,
+    /// induced refusal; gates for CI. Without EDITED, previews --direction on hooks.
+    Verify(cmd::verify::Args),
+    /// find -> edit -> verify in one command: the edited model with a model card, the direction and both
+    /// reports, in OUT.
+    Run(cmd::run::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,8 @@ fn main() -> ExitCode {
         Command::Diff(a) => cmd::diff::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Direction(a) => cmd::direction::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
+        Command::Run(a) => cmd::run::run(a),
     };
     match result {
         Ok(code) => code,

@@ -3,8 +3,11 @@
 //! digits of a score.
 //!
 //! Only the shortcuts of method.md §5 that leave the choice and every computed score unchanged are used:
-//! pruned layers are not scored (item 1), bypass is computed only for candidates that pass the KL and
-//! induce filters (item 2), a candidate that is exactly zero gets the baseline scores without a forward
+//! pruned layers are not scored (item 1), induce is computed first and KL only for candidates at or above
+//! the induce threshold, bypass only for candidates that pass the KL and induce filters (item 2: a
+//! candidate that fails one filter is discarded whatever its other scores, and a candidate below the
+//! induce threshold is not eligible for the KL fallback either; the relaxation asks for the KL of the
+//! others), a candidate that is exactly zero gets the baseline scores without a forward
 //! pass (its hooks are no-ops, method.md §4). `--all-scores` computes everything. [`choose`] works from
 //! the scores alone, so the exhaustive and the shortcut runs are compared by calling it on both.
 //!
@@ -115,8 +118,8 @@ pub struct Margins {
     pub runner_up: Option<Near>,
     /// Among allowed candidates that fail only the KL threshold: the smallest KL, as `value − kl_max`.
     pub closest_above_kl: Option<Near>,
-    /// Among allowed candidates that fail only the induce threshold: the largest induce, as
-    /// `min_induce − value`.
+    /// Among allowed candidates below the induce threshold (whatever their KL, which the shortcuts do not
+    /// compute for them): the largest induce, as `min_induce − value`.
     pub closest_below_induce: Option<Near>,
 }
 
@@ -200,34 +203,51 @@ pub fn select(scores: &mut [Scored], layers: usize, opts: &SelectOptions, eval: 
                 || (s.layer < first_pruned && opts.positions.as_ref().is_none_or(|p| p.contains(&s.position)))
         })
         .collect();
-    eval.plan(ScoreKind::Kl, in_scope.len());
-    for &i in &in_scope {
-        scores[i].kl = Some(eval.kl(i)?);
-    }
+    // Induce first (the cheap score: prefix reuse), then KL only where it can matter: a candidate below the
+    // induce threshold fails the filter and is not eligible for the KL fallback whatever its KL (method.md
+    // §5 item 2, applied to KL as to bypass). The relaxation and the no-candidate error ask for the rest.
     eval.plan(ScoreKind::Induce, in_scope.len());
     for &i in &in_scope {
         scores[i].induce = Some(eval.induce(i)?);
+    }
+    let need_kl: Vec<usize> = in_scope
+        .iter()
+        .copied()
+        .filter(|&i| opts.all_scores || scores[i].induce.is_some_and(|v| v >= opts.min_induce))
+        .collect();
+    eval.plan(ScoreKind::Kl, need_kl.len());
+    for &i in &need_kl {
+        scores[i].kl = Some(eval.kl(i)?);
     }
     // Bypass only where it can matter (method.md §5 item 2), unless every score is asked for.
     let need_bypass: Vec<usize> = in_scope
         .iter()
         .copied()
-        .filter(|&i| opts.all_scores || rejection(&scores[i], opts, first_pruned).is_none())
+        .filter(|&i| opts.all_scores || (scores[i].kl.is_some() && rejection(&scores[i], opts, first_pruned).is_none()))
         .collect();
     eval.plan(ScoreKind::Bypass, need_bypass.len());
     for &i in &need_bypass {
         scores[i].bypass = Some(eval.bypass(i)?);
     }
-    // The fallbacks need bypass scores for their tie-breaks and relaxed rule, and the choice its own.
+    // The fallbacks need bypass scores for their tie-breaks and relaxed rule, and the choice its own; the
+    // relaxation and the no-candidate error the KL of every allowed candidate.
     let choice = loop {
         let missing = match choose(scores, layers, opts) {
-            Err(Missing(ids)) => ids,
-            Ok(Some(c)) if scores[c.index].bypass.is_none() => vec![c.index],
+            Err(m) => m,
+            Ok(Some(c)) if scores[c.index].bypass.is_none() => Missing { kl: Vec::new(), bypass: vec![c.index] },
             Ok(c) => break c,
         };
-        eval.plan(ScoreKind::Bypass, missing.len());
-        for i in missing {
-            scores[i].bypass = Some(eval.bypass(i)?);
+        if !missing.kl.is_empty() {
+            eval.plan(ScoreKind::Kl, missing.kl.len());
+            for &i in &missing.kl {
+                scores[i].kl = Some(eval.kl(i)?);
+            }
+        }
+        if !missing.bypass.is_empty() {
+            eval.plan(ScoreKind::Bypass, missing.bypass.len());
+            for &i in &missing.bypass {
+                scores[i].bypass = Some(eval.bypass(i)?);
+            }
         }
     };
     for s in scores.iter_mut() {
@@ -236,34 +256,40 @@ pub fn select(scores: &mut [Scored], layers: usize, opts: &SelectOptions, eval: 
     choice.ok_or_else(|| no_candidate(scores, opts, first_pruned))
 }
 
-/// Bypass scores [`choose`] needs but that were not computed.
-#[derive(Debug)]
-pub struct Missing(pub Vec<usize>);
+/// Scores [`choose`] needs but that were not computed (candidate indices).
+#[derive(Debug, Default, PartialEq)]
+pub struct Missing {
+    pub kl: Vec<usize>,
+    pub bypass: Vec<usize>,
+}
+
+impl Missing {
+    fn bypass(ids: Vec<usize>) -> Missing {
+        Missing { kl: Vec::new(), bypass: ids }
+    }
+}
 
 fn no_candidate(scores: &[Scored], opts: &SelectOptions, first_pruned: usize) -> FindError {
-    let mut best: Vec<&Scored> = scores.iter().filter(|s| allowed(s, opts, first_pruned) && s.kl.is_some()).collect();
-    best.sort_by(|a, b| a.kl.unwrap_or(f64::INFINITY).total_cmp(&b.kl.unwrap_or(f64::INFINITY)));
+    // The induce scores decide this (every allowed candidate is below the threshold), and they are always
+    // computed; KL is not computed below the threshold (method.md §5 item 2), so it is not listed.
+    let mut best: Vec<&Scored> =
+        scores.iter().filter(|s| allowed(s, opts, first_pruned) && s.induce.is_some_and(|v| !v.is_nan())).collect();
+    best.sort_by(|a, b| b.induce.unwrap_or(f64::NEG_INFINITY).total_cmp(&a.induce.unwrap_or(f64::NEG_INFINITY)));
     let list: Vec<String> = best
         .iter()
         .take(5)
-        .map(|s| {
-            format!(
-                "({}, {}) KL {:.4} induce {:.3}",
-                s.position,
-                s.layer,
-                s.kl.unwrap_or(f64::NAN),
-                s.induce.unwrap_or(f64::NAN)
-            )
-        })
+        .map(|s| format!("({}, {}) induce {:.3}", s.position, s.layer, s.induce.unwrap_or(f64::NAN)))
         .collect();
     FindError::NoCandidate(format!(
         "no candidate can be chosen: none passes the filter (KL <= {}, induce >= {}, layer < {first_pruned}) and none \
-         with an allowed layer has induce >= {}; the lowest-KL allowed candidates: {}. Try --relax-induce, or check the \
-         refusal token",
+         with an allowed layer has induce >= {}; the highest induce scores: {}. Activation addition of these \
+         candidates does not make the model refuse harmless prompts: try other or more prompts, check the refusal \
+         token, or pass --relax-induce (smallest bypass among candidates with KL <= {}; it scores every candidate's KL)",
         opts.kl_max,
         opts.min_induce,
         opts.min_induce,
-        if list.is_empty() { "none".to_string() } else { list.join("; ") }
+        if list.is_empty() { "none".to_string() } else { list.join("; ") },
+        opts.kl_max
     ))
 }
 
@@ -278,6 +304,17 @@ fn best_by(scores: &[Scored], eligible: impl Iterator<Item = usize>, key: impl F
 /// scores it needs first; `Ok(None)`: nothing can be chosen.
 pub fn choose(scores: &[Scored], layers: usize, opts: &SelectOptions) -> std::result::Result<Option<Choice>, Missing> {
     let first_pruned = opts.first_pruned(layers);
+    // Every allowed candidate at or above the induce threshold can pass the filter or be the fallback's
+    // choice: it needs its KL (the shortcuts skip KL only below the threshold).
+    let no_kl: Vec<usize> = (0..scores.len())
+        .filter(|&i| {
+            let s = &scores[i];
+            allowed(s, opts, first_pruned) && s.induce.is_some_and(|v| v >= opts.min_induce) && s.kl.is_none()
+        })
+        .collect();
+    if !no_kl.is_empty() {
+        return Err(Missing { kl: no_kl, bypass: Vec::new() });
+    }
     let pass: Vec<usize> = (0..scores.len())
         .filter(|&i| {
             let s = &scores[i];
@@ -286,7 +323,7 @@ pub fn choose(scores: &[Scored], layers: usize, opts: &SelectOptions) -> std::re
         .collect();
     let missing: Vec<usize> = pass.iter().copied().filter(|&i| scores[i].bypass.is_none()).collect();
     if !missing.is_empty() {
-        return Err(Missing(missing));
+        return Err(Missing::bypass(missing));
     }
     let bypass = |s: &Scored| s.bypass.expect("checked above");
     let kl = |s: &Scored| s.kl.expect("eligible candidates have a KL score");
@@ -327,7 +364,7 @@ pub fn choose(scores: &[Scored], layers: usize, opts: &SelectOptions) -> std::re
         let tied: Vec<usize> = order.iter().copied().filter(|&i| kl(&scores[i]) == min).collect();
         let missing: Vec<usize> = tied.iter().copied().filter(|&i| scores[i].bypass.is_none()).collect();
         if tied.len() > 1 && !missing.is_empty() {
-            return Err(Missing(missing));
+            return Err(Missing::bypass(missing));
         }
         let mut order = order;
         order.sort_by(|&a, &b| {
@@ -340,6 +377,15 @@ pub fn choose(scores: &[Scored], layers: usize, opts: &SelectOptions) -> std::re
         return Ok(Some(done(order[0], Rule::MinKl { threshold: min }, m)));
     }
     if opts.relax_induce {
+        // The relaxation needs the KL of every allowed candidate.
+        let no_kl: Vec<usize> = (0..scores.len())
+            .filter(|&i| {
+                allowed(&scores[i], opts, first_pruned) && scores[i].induce.is_some() && scores[i].kl.is_none()
+            })
+            .collect();
+        if !no_kl.is_empty() {
+            return Err(Missing { kl: no_kl, bypass: Vec::new() });
+        }
         let relaxed: Vec<usize> = (0..scores.len())
             .filter(|&i| {
                 let s = &scores[i];
@@ -349,7 +395,7 @@ pub fn choose(scores: &[Scored], layers: usize, opts: &SelectOptions) -> std::re
         if !relaxed.is_empty() {
             let missing: Vec<usize> = relaxed.iter().copied().filter(|&i| scores[i].bypass.is_none()).collect();
             if !missing.is_empty() {
-                return Err(Missing(missing));
+                return Err(Missing::bypass(missing));
             }
             let order = best_by(scores, relaxed.iter().copied(), bypass);
             let m = margins(order[0], &bypass, &order);
@@ -380,7 +426,7 @@ fn closest(scores: &[Scored], opts: &SelectOptions, first_pruned: usize, runner_
     let closest_below_induce = scores
         .iter()
         .filter(ok)
-        .filter(|s| s.kl.is_some_and(|k| k <= opts.kl_max) && s.induce.is_some_and(|v| v < opts.min_induce))
+        .filter(|s| s.induce.is_some_and(|v| v < opts.min_induce))
         .map(|s| near(s, s.induce.expect("filtered"), opts.min_induce - s.induce.expect("filtered")))
         .min_by(|a, b| a.gap.total_cmp(&b.gap));
     Margins { runner_up, closest_above_kl, closest_below_induce }

@@ -1,6 +1,6 @@
 //! `find` against the paper's own code on the refusing SmolLM2 (`../shared/reference/`, README there): with
 //! exactly the reference's sampled prompt lists, the refusal token is detected as "I" (57), the filter
-//! keeps the same prompts, every candidate points the same way (cosine >= 0.9999), every score is within
+//! keeps the same prompts, every candidate points the same way (cosine >= 0.9999), every score computed is within
 //! method.md §5's tolerances, and the choice is the reference's (-1, 22) by the KL fallback, with margins
 //! that show it does not hinge on the last digits. Skips, saying so, where `../shared` is absent.
 
@@ -9,7 +9,7 @@ use std::path::Path;
 use chat::Chat;
 use direction::Candidates;
 use eval::{Prompt, PromptSet};
-use find::{Options, Rule, SelectOptions, Sets};
+use find::{Options, Rule, Sets};
 use model::Model;
 use serde_json::Value;
 
@@ -54,8 +54,11 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
         harmful_val: set(&prompts, "harmful_val"),
         harmless_val: set(&prompts, "harmless_val"),
     };
-    // The lists are the reference's draws already (128 and 32 each): used whole, in order.
-    let opts = Options { select: SelectOptions { all_scores: true, ..SelectOptions::default() }, ..Options::default() };
+    // The lists are the reference's draws already (128 and 32 each): used whole, in order. The exact
+    // shortcuts of method.md §5 (pruned layers, induce first, KL and bypass only where they can matter,
+    // the shared baseline and induce prefix, last-position logits) keep this test to a few CPU minutes;
+    // the scores they compute are checked, and `cargo xtask bench find --all-scores` runs all 180 x 3.
+    let opts = Options::default();
     let found = find::find(&model, &chat, &sets, &opts, &find::NoProgress).unwrap();
 
     // The template, the post-instruction tokens and the refusal token, detected on its own.
@@ -92,22 +95,32 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
         }
     }
 
-    // Every score within method.md §5's tolerances.
+    // Every score computed within method.md §5's tolerances (the others are reported as not computed).
     let rows = want["candidates"].as_array().unwrap();
     assert_eq!(rows.len(), found.scores.len());
-    let (mut worst_refusal, mut worst_kl) = (0f64, 0f64);
+    let (mut worst_refusal, mut worst_kl, mut worst_kl_abs, mut counts) = (0f64, 0f64, 0f64, [0usize; 3]);
     for (s, r) in found.scores.iter().zip(rows) {
         assert_eq!((s.position, s.layer as u64), (r["position"].as_i64().unwrap(), r["layer"].as_u64().unwrap()));
-        for (ours, key) in [(s.bypass, "bypass_score"), (s.induce, "induce_score")] {
-            let d = (ours.unwrap() - r[key].as_f64().unwrap()).abs();
+        for (k, (ours, key)) in [(s.bypass, "bypass_score"), (s.induce, "induce_score")].into_iter().enumerate() {
+            let Some(ours) = ours else { continue };
+            counts[k] += 1;
+            let d = (ours - r[key].as_f64().unwrap()).abs();
             worst_refusal = worst_refusal.max(d);
-            assert!(d <= REFUSAL_TOL, "({}, {}) {key}: {} vs {}", s.position, s.layer, ours.unwrap(), r[key]);
+            assert!(d <= REFUSAL_TOL, "({}, {}) {key}: {ours} vs {}", s.position, s.layer, r[key]);
         }
-        let (ours, theirs) = (s.kl.unwrap(), r["kl_score"].as_f64().unwrap());
+        let Some(ours) = s.kl else { continue };
+        counts[2] += 1;
+        let theirs = r["kl_score"].as_f64().unwrap();
         let d = (ours - theirs).abs();
         worst_kl = worst_kl.max(d / KL_ABS.max(KL_REL * theirs.abs()));
+        worst_kl_abs = worst_kl_abs.max(d);
         assert!(d <= KL_ABS || d <= KL_REL * theirs.abs(), "({}, {}) kl: {ours} vs {theirs}", s.position, s.layer);
     }
+    // What the shortcuts compute here: induce for the 138 allowed non-zero candidates (and the 6 zero ones
+    // from the baseline), KL for the 8 at or above the induce threshold, bypass for the choice.
+    let [bypass_n, induce_n, kl_n] = counts;
+    assert_eq!((induce_n, kl_n), (144, 8), "scores computed");
+    assert!(bypass_n >= 1);
     let base = &want["baseline_refusal_score"];
     assert!((found.baseline_harmful_val - base["harmful_val"].as_f64().unwrap()).abs() <= REFUSAL_TOL);
     assert!((found.baseline_harmless_val - base["harmless_val"].as_f64().unwrap()).abs() <= REFUSAL_TOL);
@@ -125,9 +138,10 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
         .scores
         .iter()
         .filter(|s| s.layer < found.select.first_pruned_layer && !s.degenerate)
+        .filter(|s| s.induce.unwrap() >= -REFUSAL_TOL)
         .filter(|s| {
-            let kl = s.kl.unwrap();
-            kl - KL_ABS.max(KL_REL * kl) <= 0.1 && s.induce.unwrap() >= -REFUSAL_TOL
+            let kl = s.kl.expect("KL is computed at or above the induce threshold");
+            kl - KL_ABS.max(KL_REL * kl) <= 0.1
         })
         .map(|s| (s.position, s.layer))
         .collect();
@@ -136,8 +150,34 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
     assert!(below.gap > 2.0 * REFUSAL_TOL, "closest to a non-negative induce: {below:?}");
 
     eprintln!(
-        "reference: choice ({}, {}) by {:?}; worst cosine {worst_cos:.6}; worst |refusal score diff| {worst_refusal:.2e}; \
-         worst KL diff / tolerance {worst_kl:.3}; runner-up {runner_up:?}; closest below induce {below:?}; timings {:?}",
-        c.position, c.layer, c.rule, found.timings
+        "reference: choice ({}, {}) by {:?}; smallest cosine 1 - {:.1e}; worst |refusal score diff| {worst_refusal:.2e}; \
+         worst |KL diff| {worst_kl_abs:.2e} ({worst_kl:.4} of its tolerance); computed: {induce_n} induce, {kl_n} KL, {bypass_n} bypass; runner-up {runner_up:?}; closest below induce {below:?}; timings {:?}",
+        c.position,
+        c.layer,
+        c.rule,
+        1.0 - worst_cos,
+        found.timings
     );
+}
+
+#[test]
+fn paper_sampling_draws_the_reference_lists_from_the_papers_splits() {
+    let Some(shared) = testutil::shared() else {
+        eprintln!("skipping: ../shared is absent, so the paper's splits and the reference lists are not here");
+        return;
+    };
+    let splits = shared.join("datasets/refusal_direction/splits");
+    let read = |name: &str| eval::prompts::read(&splits.join(format!("{name}.json"))).unwrap();
+    let sets = Sets {
+        harmful_train: read("harmful_train"),
+        harmless_train: read("harmless_train"),
+        harmful_val: read("harmful_val"),
+        harmless_val: read("harmless_val"),
+    };
+    let drawn = find::sample(&sets, 128, 32, find::Sampling::Paper).unwrap();
+    let prompts = json(&shared.join("reference/prompts.json"));
+    for (name, list) in drawn.as_array() {
+        let got: Vec<String> = list.iter().map(|p| p.instruction.clone()).collect();
+        assert_eq!(got, strings(&prompts[name]), "{name}");
+    }
 }

@@ -89,12 +89,12 @@ impl Caveat {
     pub fn describe(&self) -> String {
         match self {
             Caveat::KeptTie => "--keep-tie: the LM head is the edited embedding, so the logits differ from the hooked \
-                                model's by a rank-one term (method.md §6); the residual streams still agree"
+                                model's by a rank-one term (docs/method.md §6); the residual streams still agree"
                 .to_string(),
             Caveat::GainWeighted { tensors } => format!(
                 "{tensors} writers pass a post-norm with a per-channel gain (Gemma 2/3) and were edited against the \
                  gain-weighted direction ŝ: no weight edit equals ablating the residual after the norm \
-                 (method.md §6), so the residual streams differ by design"
+                 (docs/method.md §6), so the residual streams differ by design"
             ),
             Caveat::Excluded { tensors } => format!(
                 "{} writer(s) left unedited still write r̂ where the hooks remove it: {}",

@@ -12,6 +12,7 @@ pub mod equivalence;
 pub mod gate;
 pub mod loss;
 pub mod manifest;
+pub mod measure;
 pub mod report;
 pub mod wilson;
 
@@ -27,6 +28,10 @@ pub use wilson::Rate;
 pub enum Error {
     #[error(transparent)]
     Model(#[from] model::ModelError),
+    #[error(transparent)]
+    Eval(#[from] eval::EvalError),
+    #[error(transparent)]
+    Chat(#[from] chat::Error),
     #[error("{0}")]
     Input(String),
     #[error("edit manifest `{}`: {problem}", path.display())]

@@ -191,7 +191,8 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let kls: Vec<f64> = o_harmless.iter().zip(&s_harmless).map(|(a, b)| eval::score::kl(a, b)).collect();
     let kl = kls.iter().sum::<f64>() / kls.len() as f64;
     let kl_max = kls.iter().copied().fold(0f64, f64::max);
-    let (sc_oh, sc_on, sc_sh, sc_sn) = (scores(&o_harmful), scores(&o_harmless), scores(&s_harmful), scores(&s_harmless));
+    let (sc_oh, sc_on, sc_sh, sc_sn) =
+        (scores(&o_harmful), scores(&o_harmless), scores(&s_harmful), scores(&s_harmless));
     drop((o_harmful, o_harmless, s_harmful, s_harmless));
     seconds.insert("scores".to_string(), t.elapsed().as_secs_f64());
 
@@ -207,7 +208,8 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, progress)?;
     let g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, progress)?;
     let g_sh = generate(&format!("{label} harmful"), subject_model, subject_hook.as_mut(), &inputs.harmful, progress)?;
-    let g_sn = generate(&format!("{label} harmless"), subject_model, subject_hook.as_mut(), &inputs.harmless, progress)?;
+    let g_sn =
+        generate(&format!("{label} harmless"), subject_model, subject_hook.as_mut(), &inputs.harmless, progress)?;
     let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
     let g_induced = match induce_at {
         Some((d, layer)) => {
@@ -277,7 +279,8 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         progress.stage("cross-entropy", 2 * pairs.len());
         let b = opts.batch_size.clamp(1, 16);
         let a = cross_entropy(original, &mut NoHook, &pairs, b, &mut |n| progress.advance(n))?;
-        let e = cross_entropy(subject_model, subject_hook.as_mut(), &pairs, b, &mut |n| progress.advance(pairs.len() + n))?;
+        let e =
+            cross_entropy(subject_model, subject_hook.as_mut(), &pairs, b, &mut |n| progress.advance(pairs.len() + n))?;
         seconds.insert("cross-entropy".to_string(), t.elapsed().as_secs_f64());
         (Some(a), Some(e))
     } else {
@@ -298,7 +301,9 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
             let mut hooks = claim.hooks(layers, &d.values)?;
             progress.stage("equivalence", prompts.len());
             let b = opts.batch_size.clamp(1, 16);
-            let result = equivalence(original, model, &mut hooks, claim.scale == 1.0, &prompts, b, &mut |n| progress.advance(n))?;
+            let result = equivalence(original, model, &mut hooks, claim.scale == 1.0, &prompts, b, &mut |n| {
+                progress.advance(n)
+            })?;
             seconds.insert("equivalence".to_string(), t.elapsed().as_secs_f64());
             let caveat_notes = caveats.iter().map(|c| c.describe()).collect();
             Some(EquivalenceReport { claim, caveats, caveat_notes, result })
@@ -306,7 +311,11 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         _ => None,
     };
 
-    let damage = Some(Damage { kl, kl_max, ce_original, ce_edited });
+    // KL where the original answered: what the edit changed where it was not meant to change anything.
+    let answered: Vec<f64> =
+        kls.iter().zip(&harmless_report.original.completions).filter(|(_, c)| !c.refused).map(|(k, _)| *k).collect();
+    let kl_answered = (!answered.is_empty()).then(|| answered.iter().sum::<f64>() / answered.len() as f64);
+    let damage = Some(Damage { kl, kl_max, kl_answered, answered: answered.len(), ce_original, ce_edited });
     let measured = Measured {
         harmful_refusal: Some(harmful_report.edited.refusal.rate),
         harmless_refusal: Some(harmless_report.edited.refusal.rate),

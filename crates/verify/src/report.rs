@@ -141,6 +141,11 @@ pub struct Damage {
     pub kl: f64,
     /// Largest per-prompt KL.
     pub kl_max: f64,
+    /// Mean KL over the harmless prompts the original answered (its completion not judged a refusal), and
+    /// how many: the damage where no change was intended. On the prompts the original over-refused, the
+    /// edit is meant to move the first token (from a refusal to an answer), which the full mean also counts.
+    pub kl_answered: Option<f64>,
+    pub answered: usize,
     /// Teacher-forced cross-entropy on the original model's own harmless completions.
     pub ce_original: Option<Loss>,
     pub ce_edited: Option<Loss>,
@@ -274,6 +279,14 @@ impl Report {
                 d.kl, d.kl_max
             )
             .unwrap();
+            if let Some(k) = d.kl_answered {
+                writeln!(
+                    md,
+                    "| the same, mean over the {} harmless prompts the original answered (did not refuse) | — | {k:.4} |",
+                    d.answered
+                )
+                .unwrap();
+            }
             if let (Some(a), Some(b)) = (&d.ce_original, &d.ce_edited) {
                 writeln!(
                     md,
@@ -336,7 +349,7 @@ impl Report {
         writeln!(
             md,
             "The edited model's residual stream against the original's under the hooks the edit claims to be \
-             (method.md §7), on {} prompts ({} tokens): `max ||h_edit − h_hook|| / ||h_hook||` over prompts and \
+             (docs/method.md §7), on {} prompts ({} tokens): `max ||h_edit − h_hook|| / ||h_hook||` over prompts and \
              positions, per layer. **Largest: {:.3e} at {}.** Last-position logits: relative difference {:.3e}, \
              max |Δ| {:.3e}, same top token for {}/{} prompts.\n",
             r.prompts,

@@ -6,3 +6,5 @@ pub mod edit;
 pub mod find;
 pub mod generate;
 pub mod inspect;
+pub mod run;
+pub mod verify;

@@ -12,9 +12,9 @@
 //! for the same OUT). A model that does not refuse stops at `find` with its message, before anything is
 //! written. Options of the three parts pass through; one progress display (a bar per stage) runs throughout.
 
-use std::sync::Mutex;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +24,7 @@ use eval::{Formatter, Judge, Split};
 use find::{Sampling, SelectOptions, Sets, Stage};
 use serde_json::json;
 use verify::EditRecord;
+use verify::report::DirectionInfo;
 use verify::measure::{self, Inputs, Set, Subject};
 
 use crate::cmd::edit::EditOptions;
@@ -203,7 +204,8 @@ fn move_up(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from).with_context(|| format!("reading `{}`", from.display()))? {
         let e = e?;
         let dest = to.join(e.file_name());
-        std::fs::rename(e.path(), &dest).with_context(|| format!("moving `{}` into `{}`", e.path().display(), to.display()))?;
+        std::fs::rename(e.path(), &dest)
+            .with_context(|| format!("moving `{}` into `{}`", e.path().display(), to.display()))?;
     }
     std::fs::remove_dir(from).with_context(|| format!("removing `{}`", from.display()))
 }
@@ -289,7 +291,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         direction: Some(measure::Direction {
             values: direction.values.clone(),
             layer: Some(args.verify.layer.unwrap_or(layer)),
-            info: verify_cmd::direction_info(&direction, Some(layer)),
+            // Where the direction will be once OUT is in place, not the temporary directory it is read from.
+            info: DirectionInfo {
+                path: args.output.join("find").join(find::output::DIRECTION).display().to_string(),
+                ..verify_cmd::direction_info(&direction, Some(layer))
+            },
         }),
         harmful: set(args.eval_harmful.as_deref(), Split::HarmfulEval)?,
         harmless: set(args.eval_harmless.as_deref(), Split::HarmlessEval)?,
@@ -302,7 +308,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }),
     };
     let gates = verify_cmd::gates(&args.verify);
-    let mut report = measure::verify(&inputs, &verify_cmd::measure_options(&args.verify, args.batch_size), &gates, &mut VerifyBar(&display))?;
+    let mut report = measure::verify(
+        &inputs,
+        &verify_cmd::measure_options(&args.verify, args.batch_size),
+        &gates,
+        &mut VerifyBar(&display),
+    )?;
     display.clear();
     drop(edited);
     seconds.insert("verify".into(), json!(t.elapsed().as_secs_f64()));
@@ -448,8 +459,13 @@ mod card {
         }
         if let Some(d) = &r.damage {
             writeln!(md, "| first-token KL(original ‖ edited), harmless prompts, mean | — | {:.4} |", d.kl).unwrap();
+            if let Some(k) = d.kl_answered {
+                writeln!(md, "| the same, on the {} harmless prompts the original answered | — | {k:.4} |", d.answered)
+                    .unwrap();
+            }
             if let (Some(a), Some(b)) = (&d.ce_original, &d.ce_edited) {
-                writeln!(md, "| cross-entropy on the original's own harmless answers | {:.4} | {:.4} |", a.ce, b.ce).unwrap();
+                writeln!(md, "| cross-entropy on the original's own harmless answers | {:.4} | {:.4} |", a.ce, b.ce)
+                    .unwrap();
             }
         }
         if let Some(i) = &r.induced {

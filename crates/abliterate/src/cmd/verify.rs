@@ -194,7 +194,10 @@ pub fn direction_layer(d: &Direction, option: Option<usize>, layers: usize) -> R
         Some(l) => Some(l),
         None => match d.meta("layer") {
             Some(m) => Some(m.parse().with_context(|| {
-                format!("direction file `{}`: metadata `layer` is `{m}`, not a layer index; pass --layer", d.path.display())
+                format!(
+                    "direction file `{}`: metadata `layer` is `{m}`, not a layer index; pass --layer",
+                    d.path.display()
+                )
             })?),
             None => None,
         },
@@ -244,7 +247,9 @@ pub fn measure_options(o: &VerifyOptions, batch_size: usize) -> measure::Options
 
 /// Writes report.json, report.md and refusal.svg into `dir`.
 pub fn write_report(dir: &Path, report: &Report) -> Result<()> {
-    let w = |name: &str, text: &str| std::fs::write(dir.join(name), text).with_context(|| format!("writing `{}`", dir.join(name).display()));
+    let w = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).with_context(|| format!("writing `{}`", dir.join(name).display()))
+    };
     w("report.json", &(serde_json::to_string_pretty(report)? + "\n"))?;
     w("report.md", &report.markdown())?;
     w("refusal.svg", &report.chart())
@@ -254,7 +259,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let started = Instant::now();
     args.runtime.apply_threads()?;
     if args.edited.is_none() && args.direction.is_none() {
-        bail!("give the edited model (abliterate verify ORIGINAL EDITED), or --direction FILE to preview a direction on hooks");
+        bail!(
+            "give the edited model (abliterate verify ORIGINAL EDITED), or --direction FILE to preview a direction on hooks"
+        );
     }
     if args.edited.is_none() && args.opts.max_equivalence_error.is_some() {
         bail!("--max-equivalence-error needs an edited model: a preview on hooks has nothing to compare");
@@ -349,7 +356,9 @@ fn rate(r: &verify::Rate) -> String {
 /// The human summary (stdout), gate failures last.
 pub fn print_summary(r: &Report, out: Option<&Path>) {
     match &r.edited {
-        Some(e) => println!("verified `{e}` against `{}` in {:.1} s", r.original, r.seconds.get("total").unwrap_or(&0.0)),
+        Some(e) => {
+            println!("verified `{e}` against `{}` in {:.1} s", r.original, r.seconds.get("total").unwrap_or(&0.0))
+        }
         None => println!(
             "previewed the direction on `{}` with ablation hooks in {:.1} s",
             r.original,
@@ -376,9 +385,15 @@ pub fn print_summary(r: &Report, out: Option<&Path>) {
         score(r.harmless.edited.mean_score)
     );
     if let Some(d) = &r.damage {
-        println!("  first-token KL(original ‖ {e}), harmless: mean {:.4}, max {:.4}", d.kl, d.kl_max);
+        let answered = d
+            .kl_answered
+            .map_or(String::new(), |k| format!("; mean {k:.4} on the {} the original answered", d.answered));
+        println!("  first-token KL(original ‖ {e}), harmless: mean {:.4}, max {:.4}{answered}", d.kl, d.kl_max);
         if let (Some(a), Some(b)) = (&d.ce_original, &d.ce_edited) {
-            println!("  cross-entropy on the original's harmless completions: {:.4} -> {:.4} ({} tokens)", a.ce, b.ce, a.tokens);
+            println!(
+                "  cross-entropy on the original's harmless completions: {:.4} -> {:.4} ({} tokens)",
+                a.ce, b.ce, a.tokens
+            );
         }
     }
     if let Some(i) = &r.induced {

@@ -91,7 +91,11 @@ fn nothing_passing_falls_back_to_the_smallest_kl_with_a_non_negative_induce() {
     // A tie needs the bypass scores of the tied candidates.
     let mut missing = scores.clone();
     missing[3].bypass = None;
-    assert!(matches!(choose(&missing, 10, &o), Err(Missing(ids)) if ids == vec![3]));
+    assert_eq!(choose(&missing, 10, &o).unwrap_err(), Missing { kl: Vec::new(), bypass: vec![3] });
+    // A candidate at or above the induce threshold without its KL could pass: its KL is asked for first.
+    let mut no_kl = scores.clone();
+    no_kl[2].kl = None;
+    assert_eq!(choose(&no_kl, 10, &o).unwrap_err(), Missing { kl: vec![2], bypass: Vec::new() });
 }
 
 #[test]
@@ -149,12 +153,12 @@ fn blank(positions: i64, layers: usize) -> Vec<Scored> {
     v
 }
 
-// method.md §5: the shortcuts (pruned layers skipped, bypass only for candidates that pass the KL and
-// induce filters, bypass for the fallback's ties and choice only) give the exhaustive choice and the
+// method.md §5: the shortcuts (pruned layers skipped, KL only at or above the induce threshold, bypass
+// only for candidates that pass the KL and induce filters, bypass for the fallback's ties and choice only) give the exhaustive choice and the
 // exhaustive value of every score they compute.
 #[test]
 fn shortcuts_choose_like_the_exhaustive_selection() {
-    let mut saved = 0;
+    let (mut saved, mut saved_kl) = (0, 0);
     for seed in 0..300u64 {
         for relax in [false, true] {
             let layers = 12;
@@ -180,9 +184,10 @@ fn shortcuts_choose_like_the_exhaustive_selection() {
             }
             assert!(g.calls[0] <= 4 * 9 && g.calls[2] <= f.calls[2]);
             saved += f.calls[2] - g.calls[2];
+            saved_kl += f.calls[0] - g.calls[0];
         }
     }
-    assert!(saved > 0, "the shortcut skipped bypass evaluations");
+    assert!(saved > 0 && saved_kl > 0, "the shortcut skipped bypass ({saved}) and KL ({saved_kl}) evaluations");
 }
 
 #[test]
@@ -193,8 +198,8 @@ fn no_candidate_is_an_error_naming_the_best() {
         fn kl(&mut self, i: usize) -> Result<f64> {
             Ok(0.01 * i as f64)
         }
-        fn induce(&mut self, _: usize) -> Result<f64> {
-            Ok(-1.0)
+        fn induce(&mut self, i: usize) -> Result<f64> {
+            Ok(if i == 1 { -0.5 } else { -1.0 })
         }
         fn bypass(&mut self, _: usize) -> Result<f64> {
             Ok(0.0)
@@ -205,7 +210,11 @@ fn no_candidate_is_an_error_naming_the_best() {
     assert_eq!(
         e.to_string(),
         "no candidate can be chosen: none passes the filter (KL <= 0.1, induce >= 0, layer < 3) and none with an \
-         allowed layer has induce >= 0; the lowest-KL allowed candidates: (-1, 1) KL 0.0100 induce -1.000; (-1, 2) KL \
-         0.0200 induce -1.000. Try --relax-induce, or check the refusal token"
+         allowed layer has induce >= 0; the highest induce scores: (-1, 1) induce -0.500; (-1, 2) induce -1.000. \
+         Activation addition of these candidates does not make the model refuse harmless prompts: try other or more \
+         prompts, check the refusal token, or pass --relax-induce (smallest bypass among candidates with KL <= 0.1; \
+         it scores every candidate's KL)"
     );
+    // Below the induce threshold, no KL was computed.
+    assert!(scores.iter().all(|s| s.kl.is_none()));
 }
