@@ -54,7 +54,15 @@ struct Measured {
     rule: String,
 }
 
-fn measure(bin: &Path, model: &Path, lists: &Path, out: &Path, extra: &str, runs: usize, label: &str) -> Result<Measured> {
+fn measure(
+    bin: &Path,
+    model: &Path,
+    lists: &Path,
+    out: &Path,
+    extra: &str,
+    runs: usize,
+    label: &str,
+) -> Result<Measured> {
     let mut samples: Vec<Value> = Vec::new();
     let (mut walls, mut cpus, mut rss) = (Vec::new(), Vec::new(), 0u64);
     for i in 0..runs {
@@ -204,7 +212,11 @@ pub fn run(args: &[&str]) -> Result<()> {
     }
     writeln!(table)?;
     let same = results.iter().all(|r| r.choice == (-1, 22));
-    writeln!(table, "\nTarget: filter + means + selection >= 5x faster (< 296 s) with the same choice: {}.", if same { "same choice" } else { "DIFFERENT CHOICE" })?;
+    writeln!(
+        table,
+        "\nTarget: filter + means + selection >= 5x faster (< 296 s) with the same choice: {}.",
+        if same { "same choice" } else { "DIFFERENT CHOICE" }
+    )?;
     if !o.keep {
         let _ = std::fs::remove_dir_all(&o.dir);
     }

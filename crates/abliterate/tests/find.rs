@@ -49,15 +49,33 @@ fn writes_every_output_and_edit_takes_the_direction() {
     files.sort();
     assert_eq!(
         files,
-        ["bypass.svg", "candidates.safetensors", "direction.safetensors", "induce.svg", "kl.svg", "report.md", "scores.json"]
+        [
+            "bypass.svg",
+            "candidates.safetensors",
+            "direction.safetensors",
+            "induce.svg",
+            "kl.svg",
+            "report.md",
+            "scores.json"
+        ]
     );
     let scores: Value = serde_json::from_slice(&std::fs::read(out.join("scores.json")).unwrap()).unwrap();
-    let (position, layer) = (scores["choice"]["position"].as_i64().unwrap(), scores["choice"]["layer"].as_u64().unwrap());
+    let (position, layer) =
+        (scores["choice"]["position"].as_i64().unwrap(), scores["choice"]["layer"].as_u64().unwrap());
     let d = direction::Direction::load(&out.join("direction.safetensors"), 64).unwrap();
     assert_eq!(d.meta("layer"), Some(layer.to_string().as_str()));
     assert_eq!(d.meta("position"), Some(position.to_string().as_str()));
     assert_eq!(d.meta("refusal_tokens"), Some("[73]"));
-    for key in ["token", "bypass_score", "induce_score", "kl_score", "model_sha256", "prompts_sha256", "seed", "abliterate_version"] {
+    for key in [
+        "token",
+        "bypass_score",
+        "induce_score",
+        "kl_score",
+        "model_sha256",
+        "prompts_sha256",
+        "seed",
+        "abliterate_version",
+    ] {
         assert!(d.meta(key).is_some_and(|v| !v.is_empty()), "metadata `{key}`");
     }
     let cands = direction::Candidates::load(&out.join("candidates.safetensors"), 64).unwrap();
@@ -116,7 +134,10 @@ fn json_summary_and_the_same_result_at_any_thread_count() {
         let v: Value = serde_json::from_str(&r.stdout).unwrap();
         assert_eq!(v["refusal_tokens"], serde_json::json!([73]));
         assert_eq!(v["refusal_tokens_detected"], false);
-        outs.push((std::fs::read(out.join("direction.safetensors")).unwrap(), std::fs::read(out.join("candidates.safetensors")).unwrap()));
+        outs.push((
+            std::fs::read(out.join("direction.safetensors")).unwrap(),
+            std::fs::read(out.join("candidates.safetensors")).unwrap(),
+        ));
     }
     assert!(outs[0] == outs[1], "outputs differ between 1 and 2 threads");
 }

@@ -499,7 +499,7 @@ pub fn find(model: &Model, chat: &Chat, sets: &Sets, opts: &Options, progress: &
              meaningless; is this a base model, or one already edited? (kept after filtering: {})",
             kept[0].len(),
             scores[0].len(),
-            refusal.texts.iter().zip(&refusal.ids).map(|(t, i)| format!("{t:?} = {i}")).collect::<Vec<_>>().join(", "),
+            tokens_list(&refusal),
             opts.min_refused * 100.0,
             counts.join(", ")
         )));
@@ -606,7 +606,14 @@ pub fn find(model: &Model, chat: &Chat, sets: &Sets, opts: &Options, progress: &
     let choice = select::select(&mut scored, layers, &select_opts, &mut scorer);
     scorer.close();
     timings.append(&mut scorer.timings);
-    let choice = choice?;
+    let choice = choice.map_err(|e| match e {
+        FindError::NoCandidate(m) => FindError::NoCandidate(format!(
+            "{m} (refusal token {}; kept after filtering: {})",
+            tokens_list(&refusal),
+            counts.join(", ")
+        )),
+        e => e,
+    })?;
 
     let post_instruction_text = texts_of(&eoi)?;
     Ok(Found {
@@ -649,6 +656,12 @@ pub fn find(model: &Model, chat: &Chat, sets: &Sets, opts: &Options, progress: &
         shared_prefix_tokens,
         timings,
     })
+}
+
+/// `"I" = 57, ...`, and whether detected.
+fn tokens_list(refusal: &Refusal) -> String {
+    let list: Vec<String> = refusal.texts.iter().zip(&refusal.ids).map(|(t, i)| format!("{t:?} = {i}")).collect();
+    format!("{}{}", list.join(", "), if refusal.detected.is_some() { ", detected" } else { "" })
 }
 
 fn info(set: &PromptSet) -> SetInfo {

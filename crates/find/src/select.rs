@@ -6,8 +6,8 @@
 //! pruned layers are not scored (item 1), induce is computed first and KL only for candidates at or above
 //! the induce threshold, bypass only for candidates that pass the KL and induce filters (item 2: a
 //! candidate that fails one filter is discarded whatever its other scores, and a candidate below the
-//! induce threshold is not eligible for the KL fallback either; the relaxation and the no-candidate
-//! error ask for the KL of the others), a candidate that is exactly zero gets the baseline scores without a forward
+//! induce threshold is not eligible for the KL fallback either; the relaxation asks for the KL of the
+//! others), a candidate that is exactly zero gets the baseline scores without a forward
 //! pass (its hooks are no-ops, method.md §4). `--all-scores` computes everything. [`choose`] works from
 //! the scores alone, so the exhaustive and the shortcut runs are compared by calling it on both.
 //!
@@ -270,29 +270,26 @@ impl Missing {
 }
 
 fn no_candidate(scores: &[Scored], opts: &SelectOptions, first_pruned: usize) -> FindError {
-    let mut best: Vec<&Scored> = scores.iter().filter(|s| allowed(s, opts, first_pruned) && s.kl.is_some()).collect();
-    best.sort_by(|a, b| a.kl.unwrap_or(f64::INFINITY).total_cmp(&b.kl.unwrap_or(f64::INFINITY)));
+    // The induce scores decide this (every allowed candidate is below the threshold), and they are always
+    // computed; KL is not computed below the threshold (method.md §5 item 2), so it is not listed.
+    let mut best: Vec<&Scored> =
+        scores.iter().filter(|s| allowed(s, opts, first_pruned) && s.induce.is_some_and(|v| !v.is_nan())).collect();
+    best.sort_by(|a, b| b.induce.unwrap_or(f64::NEG_INFINITY).total_cmp(&a.induce.unwrap_or(f64::NEG_INFINITY)));
     let list: Vec<String> = best
         .iter()
         .take(5)
-        .map(|s| {
-            format!(
-                "({}, {}) KL {:.4} induce {:.3}",
-                s.position,
-                s.layer,
-                s.kl.unwrap_or(f64::NAN),
-                s.induce.unwrap_or(f64::NAN)
-            )
-        })
+        .map(|s| format!("({}, {}) induce {:.3}", s.position, s.layer, s.induce.unwrap_or(f64::NAN)))
         .collect();
     FindError::NoCandidate(format!(
         "no candidate can be chosen: none passes the filter (KL <= {}, induce >= {}, layer < {first_pruned}) and none \
-         with an allowed layer has induce >= {}; the lowest-KL allowed candidates: {}. Try --relax-induce, or check the \
-         refusal token",
+         with an allowed layer has induce >= {}; the highest induce scores: {}. Activation addition of these \
+         candidates does not make the model refuse harmless prompts: try other or more prompts, check the refusal \
+         token, or pass --relax-induce (smallest bypass among candidates with KL <= {}; it scores every candidate's KL)",
         opts.kl_max,
         opts.min_induce,
         opts.min_induce,
-        if list.is_empty() { "none".to_string() } else { list.join("; ") }
+        if list.is_empty() { "none".to_string() } else { list.join("; ") },
+        opts.kl_max
     ))
 }
 
@@ -379,14 +376,16 @@ pub fn choose(scores: &[Scored], layers: usize, opts: &SelectOptions) -> std::re
         let m = margins(order[0], &kl, &order);
         return Ok(Some(done(order[0], Rule::MinKl { threshold: min }, m)));
     }
-    // The relaxation, and the error naming the lowest-KL candidates, need the KL of every allowed one.
-    let no_kl: Vec<usize> = (0..scores.len())
-        .filter(|&i| allowed(&scores[i], opts, first_pruned) && scores[i].induce.is_some() && scores[i].kl.is_none())
-        .collect();
-    if !no_kl.is_empty() {
-        return Err(Missing { kl: no_kl, bypass: Vec::new() });
-    }
     if opts.relax_induce {
+        // The relaxation needs the KL of every allowed candidate.
+        let no_kl: Vec<usize> = (0..scores.len())
+            .filter(|&i| {
+                allowed(&scores[i], opts, first_pruned) && scores[i].induce.is_some() && scores[i].kl.is_none()
+            })
+            .collect();
+        if !no_kl.is_empty() {
+            return Err(Missing { kl: no_kl, bypass: Vec::new() });
+        }
         let relaxed: Vec<usize> = (0..scores.len())
             .filter(|&i| {
                 let s = &scores[i];

@@ -98,7 +98,7 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
     // Every score computed within method.md §5's tolerances (the others are reported as not computed).
     let rows = want["candidates"].as_array().unwrap();
     assert_eq!(rows.len(), found.scores.len());
-    let (mut worst_refusal, mut worst_kl, mut counts) = (0f64, 0f64, [0usize; 3]);
+    let (mut worst_refusal, mut worst_kl, mut worst_kl_abs, mut counts) = (0f64, 0f64, 0f64, [0usize; 3]);
     for (s, r) in found.scores.iter().zip(rows) {
         assert_eq!((s.position, s.layer as u64), (r["position"].as_i64().unwrap(), r["layer"].as_u64().unwrap()));
         for (k, (ours, key)) in [(s.bypass, "bypass_score"), (s.induce, "induce_score")].into_iter().enumerate() {
@@ -113,6 +113,7 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
         let theirs = r["kl_score"].as_f64().unwrap();
         let d = (ours - theirs).abs();
         worst_kl = worst_kl.max(d / KL_ABS.max(KL_REL * theirs.abs()));
+        worst_kl_abs = worst_kl_abs.max(d);
         assert!(d <= KL_ABS || d <= KL_REL * theirs.abs(), "({}, {}) kl: {ours} vs {theirs}", s.position, s.layer);
     }
     // What the shortcuts compute here: induce for the 138 allowed non-zero candidates (and the 6 zero ones
@@ -149,8 +150,34 @@ fn find_reproduces_the_reference_run_on_the_refusing_model() {
     assert!(below.gap > 2.0 * REFUSAL_TOL, "closest to a non-negative induce: {below:?}");
 
     eprintln!(
-        "reference: choice ({}, {}) by {:?}; worst cosine {worst_cos:.6}; worst |refusal score diff| {worst_refusal:.2e}; \
-         worst KL diff / tolerance {worst_kl:.3}; computed: {induce_n} induce, {kl_n} KL, {bypass_n} bypass; runner-up {runner_up:?}; closest below induce {below:?}; timings {:?}",
-        c.position, c.layer, c.rule, found.timings
+        "reference: choice ({}, {}) by {:?}; smallest cosine 1 - {:.1e}; worst |refusal score diff| {worst_refusal:.2e}; \
+         worst |KL diff| {worst_kl_abs:.2e} ({worst_kl:.4} of its tolerance); computed: {induce_n} induce, {kl_n} KL, {bypass_n} bypass; runner-up {runner_up:?}; closest below induce {below:?}; timings {:?}",
+        c.position,
+        c.layer,
+        c.rule,
+        1.0 - worst_cos,
+        found.timings
     );
+}
+
+#[test]
+fn paper_sampling_draws_the_reference_lists_from_the_papers_splits() {
+    let Some(shared) = testutil::shared() else {
+        eprintln!("skipping: ../shared is absent, so the paper's splits and the reference lists are not here");
+        return;
+    };
+    let splits = shared.join("datasets/refusal_direction/splits");
+    let read = |name: &str| eval::prompts::read(&splits.join(format!("{name}.json"))).unwrap();
+    let sets = Sets {
+        harmful_train: read("harmful_train"),
+        harmless_train: read("harmless_train"),
+        harmful_val: read("harmful_val"),
+        harmless_val: read("harmless_val"),
+    };
+    let drawn = find::sample(&sets, 128, 32, find::Sampling::Paper).unwrap();
+    let prompts = json(&shared.join("reference/prompts.json"));
+    for (name, list) in drawn.as_array() {
+        let got: Vec<String> = list.iter().map(|p| p.instruction.clone()).collect();
+        assert_eq!(got, strings(&prompts[name]), "{name}");
+    }
 }

@@ -5,13 +5,11 @@
 //! The bf16 and f32 fixtures hold the same values (the f32 ones are exactly bf16-representable), so both
 //! are held to the same reference.
 
-mod common;
-
-use common::{Reference, ids, max_abs_diff};
 use model::{
     At, Batch, Capture, Chain, GenerateOptions, Hook, Interventions, LoadOptions, Logits, Model, NoHook, Positions,
     Site, WeightWidth,
 };
+use testutil::reference::{Reference, ids, max_abs_diff};
 
 /// The bar for the fixtures: 1e-4 max abs (f32).
 const TOL: f32 = 1e-4;

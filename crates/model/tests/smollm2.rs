@@ -2,15 +2,13 @@
 //! (`fixtures/smollm2/reference.safetensors`, made by `fixtures/smollm2/make_reference.py`).
 //! Skips with a message where `../shared` is absent. One model is loaded per test binary.
 
-mod common;
-
 use std::sync::OnceLock;
 
-use common::{Reference, max_abs, max_abs_diff};
 use model::{
     At, Batch, Capture, Chain, GenerateOptions, Interventions, LoadOptions, Logits, Model, NoHook, Positions, Site,
     WeightWidth,
 };
+use testutil::reference::{Reference, max_abs, max_abs_diff};
 
 struct Fixture {
     /// At f32 width.

@@ -4,8 +4,10 @@
 //! The real model comes from `../shared/models/build-smollm2.sh`. In a user's fresh clone there is
 //! no `../shared`; tests that need it then say so plainly on stderr and skip.
 //!
-//! [`synth`] writes small synthetic checkpoints and direction files for tests.
+//! [`synth`] writes small synthetic checkpoints and direction files for tests; [`reference`] reads the
+//! reference tensors that the committed Python scripts wrote.
 
+pub mod reference;
 pub mod synth;
 
 use std::path::{Path, PathBuf};

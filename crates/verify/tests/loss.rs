@@ -3,10 +3,8 @@
 //! each reference sequence's continuation independently of our forward pass; ours must agree, plain and
 //! under directional ablation.
 
-mod common;
-
-use common::{Reference, ids};
 use model::{Interventions, Model, NoHook};
+use testutil::reference::{Reference, ids};
 
 /// The loss of tokens `split..` of each sequence from the reference's all-position logits, in f64.
 fn reference_ce(r: &Reference, logits: &str, seqs: &[Vec<u32>], split: usize) -> f64 {

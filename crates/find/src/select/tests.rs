@@ -198,8 +198,8 @@ fn no_candidate_is_an_error_naming_the_best() {
         fn kl(&mut self, i: usize) -> Result<f64> {
             Ok(0.01 * i as f64)
         }
-        fn induce(&mut self, _: usize) -> Result<f64> {
-            Ok(-1.0)
+        fn induce(&mut self, i: usize) -> Result<f64> {
+            Ok(if i == 1 { -0.5 } else { -1.0 })
         }
         fn bypass(&mut self, _: usize) -> Result<f64> {
             Ok(0.0)
@@ -210,7 +210,11 @@ fn no_candidate_is_an_error_naming_the_best() {
     assert_eq!(
         e.to_string(),
         "no candidate can be chosen: none passes the filter (KL <= 0.1, induce >= 0, layer < 3) and none with an \
-         allowed layer has induce >= 0; the lowest-KL allowed candidates: (-1, 1) KL 0.0100 induce -1.000; (-1, 2) KL \
-         0.0200 induce -1.000. Try --relax-induce, or check the refusal token"
+         allowed layer has induce >= 0; the highest induce scores: (-1, 1) induce -0.500; (-1, 2) induce -1.000. \
+         Activation addition of these candidates does not make the model refuse harmless prompts: try other or more \
+         prompts, check the refusal token, or pass --relax-induce (smallest bypass among candidates with KL <= 0.1; \
+         it scores every candidate's KL)"
     );
+    // Below the induce threshold, no KL was computed.
+    assert!(scores.iter().all(|s| s.kl.is_none()));
 }

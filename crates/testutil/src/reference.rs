@@ -1,5 +1,5 @@
-//! Reading reference data (safetensors files written by the committed Python scripts) in tests.
-#![allow(dead_code)]
+//! Reading reference data in tests: safetensors files written by the committed Python scripts (numpy,
+//! PyTorch), decoded to f32 and i32 tensors with their metadata, and small comparison helpers.
 
 use std::collections::HashMap;
 use std::path::Path;
