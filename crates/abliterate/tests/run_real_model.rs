@@ -83,7 +83,7 @@ fn f(v: &Value) -> f64 {
 }
 
 #[test]
-fn run_with_defaults_stops_the_refusals_and_passes_the_issues_gates() {
+fn run_stops_the_refusals_and_passes_the_issues_gates() {
     let Some(r) = ran() else { return };
     assert_eq!(r.code, 0, "{}", r.stdout);
     let j = &r.report;
