@@ -124,13 +124,16 @@ impl find::Progress for Bars {
     }
 }
 
-fn read_sets(args: &Args) -> Result<Sets> {
+/// The embedded prompt sets, with each one given as a file (harmful, harmless, harmful-val, harmless-val)
+/// read instead; `find` and `run` share it.
+pub(crate) fn read_sets(files: [&Option<PathBuf>; 4]) -> Result<Sets> {
     let mut sets = Sets::embedded();
+    let [harmful, harmless, harmful_val, harmless_val] = files;
     for (file, slot) in [
-        (&args.harmful, &mut sets.harmful_train),
-        (&args.harmless, &mut sets.harmless_train),
-        (&args.harmful_val, &mut sets.harmful_val),
-        (&args.harmless_val, &mut sets.harmless_val),
+        (harmful, &mut sets.harmful_train),
+        (harmless, &mut sets.harmless_train),
+        (harmful_val, &mut sets.harmful_val),
+        (harmless_val, &mut sets.harmless_val),
     ] {
         if let Some(path) = file {
             *slot = eval::prompts::read(path)?;
@@ -166,7 +169,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--kl-max and --min-induce must be finite numbers");
     }
     find::output::check(&args.model, &args.output, args.force)?;
-    let sets = read_sets(&args)?;
+    let sets = read_sets([&args.harmful, &args.harmless, &args.harmful_val, &args.harmless_val])?;
     let chat = match &args.template {
         Some(t) => {
             Chat::load_with(&args.model, &chat::Options { template_file: Some(t.clone()), ..Default::default() })

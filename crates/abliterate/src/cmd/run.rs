@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use chat::Chat;
 use direction::Direction;
 use eval::{Formatter, Judge, Split};
-use find::{Sampling, SelectOptions, Sets, Stage};
+use find::{Sampling, SelectOptions, Stage};
 use serde_json::json;
 use verify::EditRecord;
 use verify::measure::{self, Inputs, Set, Subject};
@@ -184,21 +184,6 @@ impl measure::Progress for VerifyBar<'_> {
     }
 }
 
-fn read_sets(args: &Args) -> Result<Sets> {
-    let mut sets = Sets::embedded();
-    for (file, slot) in [
-        (&args.harmful, &mut sets.harmful_train),
-        (&args.harmless, &mut sets.harmless_train),
-        (&args.harmful_val, &mut sets.harmful_val),
-        (&args.harmless_val, &mut sets.harmless_val),
-    ] {
-        if let Some(path) = file {
-            *slot = eval::prompts::read(path)?;
-        }
-    }
-    Ok(sets)
-}
-
 /// Moves every entry of `from` into `to` (same file system: renames), then removes `from`.
 fn move_up(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from).with_context(|| format!("reading `{}`", from.display()))? {
@@ -220,7 +205,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--max-equivalence-error cannot be checked for a --norm-preserving edit (it is not a hook)");
     }
     let target = edit::OutputTarget::check(&args.model, &[], &args.output, args.force)?;
-    let sets = read_sets(&args)?;
+    let sets = crate::cmd::find::read_sets([&args.harmful, &args.harmless, &args.harmful_val, &args.harmless_val])?;
     let chat = Chat::load(&args.model)?;
     let refusal_tokens = verify_cmd::refusal_token_ids(&chat, &args.refusal_tokens)?;
     let system = args.system.system();
@@ -388,12 +373,17 @@ mod card {
     }
 
     pub fn render(c: &Card<'_>) -> String {
+        let mut md = String::new();
+        write(&mut md, c).expect("writing to a String cannot fail");
+        md
+    }
+
+    fn write(md: &mut String, c: &Card<'_>) -> std::fmt::Result {
         let r = c.report;
         let name = c.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let choice = &c.found.choice;
-        let mut md = String::new();
-        writeln!(md, "---\ntags:\n- abliterate\n- refusal-direction\n- weight-orthogonalization\n---\n").unwrap();
-        writeln!(md, "# {name}, with its refusal direction removed\n").unwrap();
+        writeln!(md, "---\ntags:\n- abliterate\n- refusal-direction\n- weight-orthogonalization\n---\n")?;
+        writeln!(md, "# {name}, with its refusal direction removed\n")?;
         writeln!(
             md,
             "This is `{}` (weights sha256 `{}`) with the direction that mediates its refusals removed from every \
@@ -403,9 +393,8 @@ mod card {
             c.model.display(),
             c.model_sha256,
             env!("CARGO_PKG_VERSION")
-        )
-        .unwrap();
-        writeln!(md, "## The direction\n").unwrap();
+        )?;
+        writeln!(md, "## The direction\n")?;
         writeln!(
             md,
             "Difference of mean residual-stream activations between harmful and harmless instructions, at the \
@@ -418,9 +407,8 @@ mod card {
             c.direction.norm(),
             choice.rule.describe(),
             c.direction.sha256
-        )
-        .unwrap();
-        writeln!(md, "## What was edited\n").unwrap();
+        )?;
+        writeln!(md, "## What was edited\n")?;
         let m = c.manifest;
         let edited = m["edited"].as_array().map_or(0, Vec::len);
         let mut kinds: Vec<(String, usize)> = Vec::new();
@@ -438,17 +426,15 @@ mod card {
              `abliterate.json`.\n",
             kinds.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", "),
             m["tie_note"].as_str().unwrap_or("")
-        )
-        .unwrap();
-        writeln!(md, "## Measured (`verify/report.md`)\n").unwrap();
+        )?;
+        writeln!(md, "## Measured (`verify/report.md`)\n")?;
         writeln!(
             md,
             "Greedy completions (at most {} new tokens, stopping at end of turn), judged by substring matching; rates \
              with 95% Wilson intervals.\n",
             r.settings["max_new_tokens"]
-        )
-        .unwrap();
-        writeln!(md, "| | original | edited |\n|---|---|---|").unwrap();
+        )?;
+        writeln!(md, "| | original | edited |\n|---|---|---|")?;
         for s in [&r.harmful, &r.harmless] {
             writeln!(
                 md,
@@ -458,18 +444,19 @@ mod card {
                 s.source.n,
                 rate(&s.original.refusal),
                 rate(&s.edited.refusal)
-            )
-            .unwrap();
+            )?;
         }
         if let Some(d) = &r.damage {
-            writeln!(md, "| first-token KL(original ‖ edited), harmless prompts, mean | — | {:.4} |", d.kl).unwrap();
+            writeln!(md, "| first-token KL(original ‖ edited), harmless prompts, mean | — | {:.4} |", d.kl)?;
             if let Some(k) = d.kl_answered {
-                writeln!(md, "| the same, on the {} harmless prompts the original answered | — | {k:.4} |", d.answered)
-                    .unwrap();
+                writeln!(
+                    md,
+                    "| the same, on the {} harmless prompts the original answered | — | {k:.4} |",
+                    d.answered
+                )?;
             }
             if let (Some(a), Some(b)) = (&d.ce_original, &d.ce_edited) {
-                writeln!(md, "| cross-entropy on the original's own harmless answers | {:.4} | {:.4} |", a.ce, b.ce)
-                    .unwrap();
+                writeln!(md, "| cross-entropy on the original's own harmless answers | {:.4} | {:.4} |", a.ce, b.ce)?;
             }
         }
         if let Some(i) = &r.induced {
@@ -479,8 +466,7 @@ mod card {
                 i.layer,
                 rate(&r.harmless.original.refusal),
                 rate(&i.arm.refusal)
-            )
-            .unwrap();
+            )?;
         }
         if let Some(eq) = &r.equivalence {
             writeln!(
@@ -489,16 +475,15 @@ mod card {
                  ablation hooks): largest relative difference {:.2e} over layers.{}",
                 eq.result.max,
                 if eq.caveat_notes.is_empty() { String::new() } else { format!(" {}", eq.caveat_notes.join("; ")) }
-            )
-            .unwrap();
+            )?;
         }
-        writeln!(md, "\n## Reproduce\n").unwrap();
+        writeln!(md, "\n## Reproduce\n")?;
         let argv: Vec<String> = r.settings["command"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_str().map(shell_word)).collect())
             .unwrap_or_default();
-        writeln!(md, "```sh\n{}\n```\n\nabliterate {}.", argv.join(" "), env!("CARGO_PKG_VERSION")).unwrap();
-        md
+        writeln!(md, "```sh\n{}\n```\n\nabliterate {}.", argv.join(" "), env!("CARGO_PKG_VERSION"))?;
+        Ok(())
     }
 
     /// A word as a POSIX shell would need it quoted.
