@@ -216,12 +216,7 @@ for f in os.listdir(model):
 pub fn run(args: &[&str]) -> Result<()> {
     let o = parse(args)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status =
-        Command::new(env!("CARGO")).args(["build", "--release", "-p", "abliterate"]).current_dir(&root).status()?;
-    if !status.success() {
-        bail!("cargo build --release -p abliterate failed");
-    }
-    let bin = root.join("target/release/abliterate").canonicalize()?;
+    let bin = crate::host::release_abliterate(&root)?;
     std::fs::create_dir_all(&o.dir)?;
     let dir = o.dir.canonicalize()?;
     let direction = dir.join("direction.safetensors");

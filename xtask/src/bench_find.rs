@@ -11,7 +11,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -130,23 +129,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         &std::fs::read(shared.join("reference/timings.json")).context("reading ../shared/reference/timings.json")?,
     )?;
     let prompts: Value = serde_json::from_slice(&std::fs::read(shared.join("reference/prompts.json"))?)?;
-    let model = match o.model.clone() {
-        Some(m) => m,
-        None => {
-            let m = root.join("target/test-models/smollm2-135m-refusal");
-            let s = Command::new("bash").arg(shared.join("models/build-smollm2-refusal.sh")).arg(&m).status()?;
-            if !s.success() {
-                bail!("build-smollm2-refusal.sh failed");
-            }
-            m
-        }
-    };
-    let status =
-        Command::new(env!("CARGO")).args(["build", "--release", "-p", "abliterate"]).current_dir(&root).status()?;
-    if !status.success() {
-        bail!("cargo build --release -p abliterate failed");
-    }
-    let bin = root.join("target/release/abliterate");
+    let model = crate::host::refusing_model(&root, o.model.clone())?;
+    let bin = crate::host::release_abliterate(&root)?;
     // The reference's sampled lists (128, 128, 32, 32): `find` uses a set no larger than its sample whole.
     let lists = o.dir.join("lists");
     std::fs::create_dir_all(&lists)?;

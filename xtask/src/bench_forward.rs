@@ -152,13 +152,7 @@ fn measure(model: &Model, batches: &[Batch], gen_batch: &Batch, runs: usize) -> 
 
 /// Peak RSS (kB) of the release `abliterate generate` (64 new tokens) with f32 and with stored weights.
 fn generate_rss(root: &Path, model: &Path, threads: usize) -> Result<[u64; 2]> {
-    let ok = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "abliterate"])
-        .current_dir(root)
-        .status()?
-        .success();
-    ensure!(ok, "cargo build --release -p abliterate failed");
-    let bin = root.join("target/release/abliterate");
+    let bin = crate::host::release_abliterate(root)?;
     let mut out = [0; 2];
     for (i, width) in ["f32", "stored"].into_iter().enumerate() {
         let run = Command::new("/usr/bin/time")

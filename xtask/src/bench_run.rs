@@ -12,7 +12,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -69,23 +68,8 @@ pub fn run(args: &[&str]) -> Result<()> {
     let stage = |k: &str| timings["stages_s"][k].as_f64();
     let ref_total = stage("total").context("timings.json has no stages_s.total")?;
     let ref_matched: f64 = MATCHED.iter().map(|k| stage(k).unwrap_or(0.0)).sum();
-    let model = match o.model.clone() {
-        Some(m) => m,
-        None => {
-            let m = root.join("target/test-models/smollm2-135m-refusal");
-            let s = Command::new("bash").arg(shared.join("models/build-smollm2-refusal.sh")).arg(&m).status()?;
-            if !s.success() {
-                bail!("build-smollm2-refusal.sh failed");
-            }
-            m
-        }
-    };
-    let status =
-        Command::new(env!("CARGO")).args(["build", "--release", "-p", "abliterate"]).current_dir(&root).status()?;
-    if !status.success() {
-        bail!("cargo build --release -p abliterate failed");
-    }
-    let bin = root.join("target/release/abliterate");
+    let model = crate::host::refusing_model(&root, o.model.clone())?;
+    let bin = crate::host::release_abliterate(&root)?;
     std::fs::create_dir_all(&o.dir)?;
     let out = o.dir.join("out");
     let mut walls = Vec::new();

@@ -79,3 +79,27 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     let n = v.len();
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
+
+/// Builds the release `abliterate` of the workspace at `root` and returns its path.
+pub fn release_abliterate(root: &std::path::Path) -> Result<std::path::PathBuf> {
+    let status =
+        Command::new(env!("CARGO")).args(["build", "--release", "-p", "abliterate"]).current_dir(root).status()?;
+    if !status.success() {
+        bail!("cargo build --release -p abliterate failed");
+    }
+    Ok(root.join("target/release/abliterate").canonicalize()?)
+}
+
+/// The refusing test model: `given`, else built by `../shared/models/build-smollm2-refusal.sh` (cached under
+/// `target/test-models/`).
+pub fn refusing_model(root: &std::path::Path, given: Option<std::path::PathBuf>) -> Result<std::path::PathBuf> {
+    if let Some(m) = given {
+        return Ok(m);
+    }
+    let m = root.join("target/test-models/smollm2-135m-refusal");
+    let script = root.join("../shared/models/build-smollm2-refusal.sh");
+    if !Command::new("bash").arg(&script).arg(&m).status()?.success() {
+        bail!("`{}` failed", script.display());
+    }
+    Ok(m)
+}
