@@ -149,7 +149,7 @@ fn run_writes_the_edited_model_its_card_and_both_reports() {
 /// Greedy completions (64 new tokens) of `model` on the paper's harmful_val split, judged by our judge.
 fn harmful_val_refusal(dir: &Path, prompts: &[Vec<u32>], chat: &Chat) -> f64 {
     let model = Model::open(dir).unwrap();
-    let opts = CompleteOptions { max_new_tokens: 64, batch_size: 40 };
+    let opts = CompleteOptions { max_new_tokens: 64, batch_size: 40, ..Default::default() };
     let done = eval::complete(&model, chat, prompts, &opts, &mut NoHook, &mut |_| {}).unwrap();
     let judge = Judge::default();
     done.iter().filter(|c| judge.is_refusal(&c.text)).count() as f64 / done.len() as f64

@@ -1,12 +1,13 @@
 //! Batched greedy completions of chat prompts (method.md §8: greedy, stop at end of turn, a cap on new
 //! tokens), optionally under a hook, returned as tokens and text (`skip_special_tokens`, stripped, as
-//! the paper decodes them).
+//! the paper decodes them). The tokens every prompt starts with (a chat template's system turn) are run
+//! once per call and shared through their keys and values (`model::Prefix`, the same computation).
 //!
 //! Harmful completions are test data: callers show the judge's verdict and the first words, never the
 //! whole text. Never writes a file.
 
 use chat::{Chat, Special};
-use model::{Batch, Finish, GenerateOptions, Hook, Model};
+use model::{Batch, Finish, GenerateOptions, Hook, Model, Record};
 
 use crate::Result;
 
@@ -16,22 +17,28 @@ pub struct CompleteOptions {
     pub max_new_tokens: usize,
     /// Prompts generated together.
     pub batch_size: usize,
+    /// What to keep besides the text: first-token logits, log-probabilities of the chosen tokens.
+    pub record: Record,
 }
 
 impl Default for CompleteOptions {
     fn default() -> CompleteOptions {
-        CompleteOptions { max_new_tokens: 64, batch_size: 32 }
+        CompleteOptions { max_new_tokens: 64, batch_size: 32, record: Record::default() }
     }
 }
 
 /// One prompt's completion.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Completion {
     /// New tokens, including the end-of-turn token when generation stopped there.
     pub tokens: Vec<u32>,
     /// The decoded text without special tokens, whitespace-trimmed.
     pub text: String,
     pub finish: Finish,
+    /// The prompt's last-position logits, when recorded (else empty).
+    pub first_logits: Vec<f32>,
+    /// `log p` of each of `tokens`, when recorded (else empty).
+    pub logprobs: Vec<f64>,
 }
 
 /// The first `n` words of a text (for reports that must not print harmful completions whole).
@@ -55,12 +62,24 @@ pub fn complete(
     done: &mut dyn FnMut(usize),
 ) -> Result<Vec<Completion>> {
     let generate = GenerateOptions { max_new_tokens: opts.max_new_tokens, stop_tokens: chat.eos_ids().to_vec() };
+    let shared = crate::run::shared_prefix(prompts, 1);
+    let prefix = if shared == 0 { None } else { Some(model.prefix(&prompts[0][..shared], hook)?) };
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(opts.batch_size.max(1)) {
-        let batch = Batch::new(chunk)?;
-        for g in model.generate(&batch, &generate, hook, &mut |_, _| std::ops::ControlFlow::Continue(()))? {
+        let rests: Vec<&[u32]> = chunk.iter().map(|p| &p[shared..]).collect();
+        let batch = Batch::new(&rests)?;
+        let gens = model.generate_after(prefix.as_ref(), &batch, &generate, opts.record, hook, &mut |_, _| {
+            std::ops::ControlFlow::Continue(())
+        })?;
+        for g in gens {
             let text = chat.decode(&g.tokens, Special::Skip)?.trim().to_string();
-            out.push(Completion { tokens: g.tokens, text, finish: g.finish });
+            out.push(Completion {
+                tokens: g.tokens,
+                text,
+                finish: g.finish,
+                first_logits: g.first_logits,
+                logprobs: g.logprobs,
+            });
         }
         done(out.len());
     }

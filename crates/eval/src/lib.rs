@@ -33,7 +33,7 @@
 //! })?;
 //! let mean = eval::score::mean_f32(&scores);
 //! // Greedy completions, judged.
-//! let opts = eval::CompleteOptions { max_new_tokens: 64, batch_size: 32 };
+//! let opts = eval::CompleteOptions { max_new_tokens: 64, batch_size: 32, ..Default::default() };
 //! let done = eval::complete(&model, &chat, &ids, &opts, &mut ablate, &mut |_| {})?;
 //! let judge = Judge::default();
 //! let refused = done.iter().filter(|c| judge.is_refusal(&c.text)).count();
@@ -59,7 +59,7 @@ pub use format::{Formatter, System};
 pub use judge::Judge;
 pub use prompts::{Prompt, PromptSet, Split};
 pub use refusal::{Detected, FirstTokens};
-pub use run::{BatchOptions, Prompts, Residuals};
+pub use run::{BatchOptions, Prompts, Residuals, shared_prefix};
 pub use sample::PyRandom;
 
 /// Everything that can go wrong. Messages name the file, line or prompt.

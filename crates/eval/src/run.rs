@@ -61,6 +61,16 @@ impl Residuals {
     }
 }
 
+/// The number of tokens every prompt starts with, leaving each at least `keep` of its own (0 for no prompts).
+pub fn shared_prefix(ids: &[Vec<u32>], keep: usize) -> usize {
+    let Some(shortest) = ids.iter().map(Vec::len).min() else { return 0 };
+    let mut n = 0;
+    while n + keep < shortest && ids.iter().all(|p| p[n] == ids[0][n]) {
+        n += 1;
+    }
+    n
+}
+
 impl Prompts {
     /// Batches `ids` (each at least `keep` tokens).
     pub fn new(ids: Vec<Vec<u32>>, opts: BatchOptions) -> Result<Prompts> {
@@ -71,16 +81,7 @@ impl Prompts {
         if let Some((i, p)) = ids.iter().enumerate().find(|(_, p)| p.len() < keep) {
             return Err(EvalError::Run(format!("prompt {i} has {} tokens; at least {keep} are needed", p.len())));
         }
-        let prefix_len = if opts.share_prefix {
-            let shortest = ids.iter().map(Vec::len).min().expect("not empty");
-            let mut n = 0;
-            while n + keep < shortest && ids.iter().all(|p| p[n] == ids[0][n]) {
-                n += 1;
-            }
-            n
-        } else {
-            0
-        };
+        let prefix_len = if opts.share_prefix { shared_prefix(&ids, keep) } else { 0 };
         let prefix = ids[0][..prefix_len].to_vec();
         let size = opts.batch_size.max(1);
         let mut batches = Vec::new();

@@ -24,7 +24,7 @@ fn tiny() -> PathBuf {
 fn refusal_rate(model: &Model, chat: &Chat, split: Split) -> (f64, Vec<eval::Completion>) {
     let fmt = Formatter::new(chat, System::TemplateDefault).unwrap();
     let ids = fmt.all(&eval::prompts::embedded(split).instructions()).unwrap();
-    let opts = CompleteOptions { max_new_tokens: 64, batch_size: 50 };
+    let opts = CompleteOptions { max_new_tokens: 64, batch_size: 50, ..Default::default() };
     let done = eval::complete(model, chat, &ids, &opts, &mut NoHook, &mut |_| {}).unwrap();
     let judge = Judge::default();
     let refused = done.iter().filter(|c| judge.is_refusal(&c.text)).count();

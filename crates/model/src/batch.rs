@@ -90,6 +90,17 @@ impl Batch {
         Batch { tokens, segments }
     }
 
+    /// Tokens continuing prompts that are in a cache: `(prompt, tokens)`, the first at position `pos0(prompt)`.
+    pub(crate) fn continuing(rows: &[(usize, &[u32])], pos0: impl Fn(usize) -> usize) -> Batch {
+        let mut tokens = Vec::with_capacity(rows.iter().map(|r| r.1.len()).sum());
+        let mut segments = Vec::with_capacity(rows.len());
+        for &(row, t) in rows {
+            segments.push(Segment { row, start: tokens.len(), len: t.len(), pos0: pos0(row) });
+            tokens.extend_from_slice(t);
+        }
+        Batch { tokens, segments }
+    }
+
     /// The same prompts continuing at position `pos0` (after a shared prefix, `prefix.rs`).
     pub(crate) fn shifted(&self, pos0: usize) -> Batch {
         let segments = self.segments.iter().map(|s| Segment { pos0: s.pos0 + pos0, ..*s }).collect();

@@ -653,6 +653,14 @@ fn weighted_block<const B: usize>(w: &[f32], base: &[f32], stride: usize, offset
     }
 }
 
+/// `log softmax(z)[t] = z[t] − logsumexp(z)`: each `exp(z_v − max)` in f32 (the logits' own precision;
+/// relative error ~1e-7), summed in f64 in a fixed order (method.md §8, cross-entropy).
+pub fn log_softmax_at(z: &[f32], t: usize) -> f64 {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = z.iter().map(|&v| (v - max).exp() as f64).sum();
+    z[t] as f64 - max as f64 - sum.ln()
+}
+
 /// Index of the largest value, the first one on ties (as `torch.argmax`); NaN counts as largest.
 pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;

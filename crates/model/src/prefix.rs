@@ -30,6 +30,10 @@ impl Prefix {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+
+    pub(crate) fn cache(&self) -> &RowCache {
+        &self.cache
+    }
 }
 
 impl Model {

@@ -81,3 +81,71 @@ fn forward_after_from_checks_its_inputs() {
     );
     assert_eq!(m.prefix(&[], &mut NoHook).err().unwrap().to_string(), "prompt 0 has no tokens");
 }
+
+/// Greedy generation after a shared prefix gives the tokens of generating the whole prompts; the first
+/// logits it records are the prompts' last-position logits; the log-probabilities it records for the chosen
+/// tokens equal teacher forcing of those tokens (`continuation_logprobs`) and an independent log-softmax of
+/// an all-position forward pass over prompt + continuation. Plain and under directional ablation.
+#[test]
+fn generation_after_a_prefix_and_teacher_forcing_agree_with_whole_prompts() {
+    use model::{GenerateOptions, Record};
+    use std::ops::ControlFlow;
+    let (prefix, rests) = prompts();
+    for family in FAMILIES {
+        let m = Model::open(&testutil::fixtures().join(format!("models/{family}/f32"))).unwrap();
+        let (layers, d, vocab) = (m.arch().layers, m.arch().hidden, m.arch().vocab);
+        let direction: Vec<f64> = (0..d).map(|i| ((i * 5 % 11) as f64 - 5.0) / 2.0).collect();
+        for ablated in [false, true] {
+            let mut hook: Box<dyn model::Hook> =
+                if ablated { Box::new(Interventions::ablation(layers, &direction).unwrap()) } else { Box::new(NoHook) };
+            let opts = GenerateOptions { max_new_tokens: 6, stop_tokens: vec![] };
+            let go = &mut |_: usize, _: u32| ControlFlow::Continue(());
+            let want = m.generate(&whole(&prefix, &rests), &opts, hook.as_mut(), go).unwrap();
+            let p = m.prefix(&prefix, hook.as_mut()).unwrap();
+            let rest = Batch::new(&rests).unwrap();
+            let record = Record { first_logits: true, logprobs: true };
+            let got = m.generate_after(Some(&p), &rest, &opts, record, hook.as_mut(), go).unwrap();
+            let last = m.forward(&whole(&prefix, &rests), Logits::Last, hook.as_mut()).unwrap();
+            let conts: Vec<Vec<u32>> = got.iter().map(|g| g.tokens.clone()).collect();
+            let forced = m.continuation_logprobs(Some(&p), &rest, &conts, hook.as_mut()).unwrap();
+            for (k, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert_eq!(w.tokens, g.tokens, "{family} {ablated}: prompt {k}");
+                assert!(w.first_logits.is_empty() && w.logprobs.is_empty(), "nothing recorded unless asked");
+                assert!(max_diff(&g.first_logits, last.row(k)) <= 1e-5, "{family} {ablated}: first logits {k}");
+                // Independent: log-softmax in f64 of an all-position pass over the whole sequence.
+                let seq = [&prefix[..], &rests[k], &g.tokens[..g.tokens.len() - 1]].concat();
+                let all =
+                    m.forward(&Batch::new(std::slice::from_ref(&seq)).unwrap(), Logits::All, hook.as_mut()).unwrap();
+                let start = prefix.len() + rests[k].len() - 1;
+                for (i, &t) in g.tokens.iter().enumerate() {
+                    let z = all.row(start + i);
+                    assert_eq!(z.len(), vocab);
+                    let lse = z.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+                    let want = z[t as usize] as f64 - lse;
+                    for (what, v) in [("generation", g.logprobs[i]), ("teacher forcing", forced[k][i])] {
+                        assert!((v - want).abs() <= 1e-4, "{family} {ablated}: {what} token {i} of {k}: {v} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn teacher_forcing_checks_its_inputs() {
+    let m = Model::open(&testutil::fixtures().join("models/llama/f32")).unwrap();
+    let rest = Batch::new(&[vec![5, 6]]).unwrap();
+    let e = |r: Result<Vec<Vec<f64>>, model::ModelError>| r.unwrap_err().to_string();
+    assert_eq!(e(m.continuation_logprobs(None, &rest, &[], &mut NoHook)), "0 continuations for a batch of 1 prompts");
+    let v = m.arch().vocab as u32;
+    assert_eq!(
+        e(m.continuation_logprobs(None, &rest, &[vec![1, v]], &mut NoHook)),
+        format!("continuation token {v} is outside the vocabulary of {v} ids")
+    );
+    // An empty continuation scores nothing; a one-token one only the prompt's prediction.
+    let out = m.continuation_logprobs(None, &rest, &[vec![]], &mut NoHook).unwrap();
+    assert_eq!(out, vec![Vec::<f64>::new()]);
+    let out = m.continuation_logprobs(None, &rest, &[vec![7]], &mut NoHook).unwrap();
+    assert_eq!(out[0].len(), 1);
+    assert!(out[0][0] < 0.0);
+}

@@ -1,15 +1,14 @@
 //! Teacher-forced cross-entropy of a model on given continuations (method.md §8, "CE loss", the
 //! `alpaca_custom_completions` variant: the original model's own completions of harmless prompts). Only
-//! the continuation's tokens are scored: position `i` of the prompt-plus-continuation predicts token `i + 1`,
-//! and only predictions of continuation tokens count.
+//! the continuation's tokens are scored: the prompt predicts the first, each continuation token the next.
 //!
 //! Differences from the repo, deliberate: the continuation is scored as the token ids that were generated
 //! (no decode and re-tokenize round trip), without the end-of-turn token, and the log-softmax is computed in
-//! f64 from the f32 logits. The sum over tokens is accumulated in f64, as the repo does.
-//! Never changes the model.
+//! f64 from the f32 logits (`model::log_softmax_at`). The sum over tokens is accumulated in f64, as the repo
+//! does. The tokens all prompts start with are run once (`model::Prefix`), and only rows that predict a
+//! continuation token reach the LM head (`Model::continuation_logprobs`). Never changes the model.
 
-use model::{Batch, Hook, Logits, Model};
-use rayon::prelude::*;
+use model::{Batch, Hook, Model};
 use serde::Serialize;
 
 use crate::{Error, Result};
@@ -27,6 +26,21 @@ pub struct Loss {
     pub sequences: usize,
 }
 
+impl Loss {
+    /// The loss of per-sequence token log-probabilities (sequences without tokens are not counted), summed
+    /// in order in f64; None when there is no token at all.
+    pub fn from_logprobs<'a>(seqs: impl IntoIterator<Item = &'a [f64]>) -> Option<Loss> {
+        let (mut sum, mut tokens, mut sequences) = (0f64, 0usize, 0usize);
+        for s in seqs.into_iter().filter(|s| !s.is_empty()) {
+            sum -= s.iter().sum::<f64>();
+            tokens += s.len();
+            sequences += 1;
+        }
+        let ce = (tokens > 0).then(|| sum / tokens as f64)?;
+        Some(Loss { ce, perplexity: ce.exp(), tokens, sequences })
+    }
+}
+
 /// The cross-entropy of `model` (with `hook`) on `pairs` of (prompt ids, continuation ids), `batch_size`
 /// sequences per forward pass. Empty continuations are skipped. `progress(done)` after each batch.
 pub fn cross_entropy(
@@ -36,38 +50,22 @@ pub fn cross_entropy(
     batch_size: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Loss> {
-    let scored: Vec<&(Vec<u32>, Vec<u32>)> = pairs.iter().filter(|(_, c)| !c.is_empty()).collect();
     if let Some(i) = pairs.iter().position(|(p, _)| p.is_empty()) {
         return Err(Error::Input(format!("cross-entropy: prompt {i} has no tokens")));
     }
-    let (mut sum, mut tokens) = (0f64, 0usize);
+    let scored: Vec<&(Vec<u32>, Vec<u32>)> = pairs.iter().filter(|(_, c)| !c.is_empty()).collect();
+    let prompts: Vec<Vec<u32>> = scored.iter().map(|(p, _)| p.clone()).collect();
+    let shared = eval::shared_prefix(&prompts, 1);
+    let prefix = if shared == 0 { None } else { Some(model.prefix(&prompts[0][..shared], hook)?) };
+    let mut logprobs = Vec::with_capacity(scored.len());
     let mut done = 0;
     for chunk in scored.chunks(batch_size.max(1)) {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| p.iter().chain(c).copied().collect()).collect();
-        let batch = Batch::new(&seqs)?;
-        let out = model.forward(&batch, Logits::All, hook)?;
-        for ((p, c), seg) in chunk.iter().zip(batch.segments()) {
-            // Row start + p.len() - 1 + i predicts continuation token i.
-            let first = seg.start + p.len() - 1;
-            let losses: Vec<f64> =
-                c.par_iter().enumerate().map(|(i, &t)| nll(out.row(first + i), t as usize)).collect();
-            sum += losses.iter().sum::<f64>();
-            tokens += c.len();
-        }
+        let rests: Vec<&[u32]> = chunk.iter().map(|(p, _)| &p[shared..]).collect();
+        let continuations: Vec<Vec<u32>> = chunk.iter().map(|(_, c)| c.clone()).collect();
+        logprobs.extend(model.continuation_logprobs(prefix.as_ref(), &Batch::new(&rests)?, &continuations, hook)?);
         done += chunk.len();
         progress(done);
     }
-    if tokens == 0 {
-        return Err(Error::Input("cross-entropy: every continuation is empty".into()));
-    }
-    let ce = sum / tokens as f64;
-    Ok(Loss { ce, perplexity: ce.exp(), tokens, sequences: scored.len() })
-}
-
-/// `−log softmax(z)[t] = logsumexp(z) − z[t]`: each `exp(z_v − max)` in f32 (the logits' own precision,
-/// as the repo computes the loss in the model dtype; relative error ~1e-7), summed in f64 in a fixed order.
-fn nll(z: &[f32], t: usize) -> f64 {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = z.iter().map(|&v| (v - max).exp() as f64).sum();
-    max as f64 + sum.ln() - z[t] as f64
+    Loss::from_logprobs(logprobs.iter().map(Vec::as_slice))
+        .ok_or_else(|| Error::Input("cross-entropy: every continuation is empty".into()))
 }

@@ -15,15 +15,15 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use eval::{BatchOptions, CompleteOptions, Judge, PromptSet, Prompts};
-use model::{Finish, Hook, Interventions, Model, NoHook};
+use eval::{CompleteOptions, Judge, PromptSet};
+use model::{Finish, Hook, Interventions, Model, NoHook, Record};
 use serde_json::json;
 
 use crate::equivalence::{Claim, equivalence};
 use crate::gate::{Gates, Measured};
 use crate::manifest::EditRecord;
 use crate::report::{Arm, Completion, Damage, DirectionInfo, EquivalenceReport, Induced, Report, SetReport, Source};
-use crate::{Error, Result, cross_entropy};
+use crate::{Error, Loss, Result, cross_entropy};
 
 /// How to verify.
 #[derive(Clone, Debug, PartialEq)]
@@ -143,29 +143,41 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     };
     let label = subject_label(&inputs.subject);
     let mut seconds = BTreeMap::new();
-    let batch = BatchOptions { batch_size: opts.batch_size.max(1), share_prefix: true, keep: 1 };
-    let harmful = Prompts::new(inputs.harmful.ids.clone(), batch)?;
-    let harmless = Prompts::new(inputs.harmless.ids.clone(), batch)?;
 
-    // Last-position logits: refusal scores (both sets, both runs) and first-token KL (harmless).
-    let t = Instant::now();
-    let n_all = harmful.len() + harmless.len();
-    progress.stage("refusal scores and KL", 2 * n_all);
-    let logits_of = |model: &Model, hook: &mut dyn Hook, set: &Prompts, base: usize, progress: &mut dyn Progress| {
-        let mut rows = Vec::with_capacity(set.len());
-        set.last_logits(model, hook, &mut |i, z| {
-            rows.push(z.to_vec());
-            if (i + 1) % 8 == 0 || i + 1 == set.len() {
-                progress.advance(base + i + 1);
-            }
-            Ok(())
-        })?;
-        Ok::<_, Error>(rows)
+    // Greedy completions. Each run's first step is the prompts' last-position logits: the refusal scores
+    // (both sets, both runs) and the first-token KL (harmless) come from them, and the original's
+    // harmless completions keep the log-probability of every token (its cross-entropy on them).
+    let copts = |record: Record| CompleteOptions {
+        max_new_tokens: opts.max_new_tokens,
+        batch_size: opts.batch_size.max(1),
+        record,
     };
-    let o_harmful = logits_of(original, &mut NoHook, &harmful, 0, progress)?;
-    let o_harmless = logits_of(original, &mut NoHook, &harmless, harmful.len(), progress)?;
-    let s_harmful = logits_of(subject_model, subject_hook.as_mut(), &harmful, n_all, progress)?;
-    let s_harmless = logits_of(subject_model, subject_hook.as_mut(), &harmless, n_all + harmful.len(), progress)?;
+    let first = Record { first_logits: true, logprobs: false };
+    let mut generate =
+        |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, record: Record, progress: &mut dyn Progress| {
+            let t = Instant::now();
+            progress.stage(name, set.ids.len());
+            let out = eval::complete(model, inputs.chat, &set.ids, &copts(record), hook, &mut |n| progress.advance(n))?;
+            seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
+            Ok::<_, Error>(out)
+        };
+    let mut g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, first, progress)?;
+    let on_record = Record { first_logits: true, logprobs: opts.cross_entropy };
+    let mut g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, on_record, progress)?;
+    let mut g_sh =
+        generate(&format!("{label} harmful"), subject_model, subject_hook.as_mut(), &inputs.harmful, first, progress)?;
+    let mut g_sn = generate(
+        &format!("{label} harmless"),
+        subject_model,
+        subject_hook.as_mut(),
+        &inputs.harmless,
+        first,
+        progress,
+    )?;
+    let o_harmful: Vec<Vec<f32>> = g_oh.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
+    let o_harmless: Vec<Vec<f32>> = g_on.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
+    let s_harmful: Vec<Vec<f32>> = g_sh.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
+    let s_harmless: Vec<Vec<f32>> = g_sn.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
     // The refusal score is a diagnostic: a model whose refusal tokens cannot be detected (it does not refuse
     // in a way one token measures) is still verified, without scores, and the report says why.
     let (refusal_tokens, detected, undetected) = match &inputs.refusal_tokens {
@@ -194,27 +206,14 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let (sc_oh, sc_on, sc_sh, sc_sn) =
         (scores(&o_harmful), scores(&o_harmless), scores(&s_harmful), scores(&s_harmless));
     drop((o_harmful, o_harmless, s_harmful, s_harmless));
-    seconds.insert("scores".to_string(), t.elapsed().as_secs_f64());
-
-    // Completions.
-    let copts = CompleteOptions { max_new_tokens: opts.max_new_tokens, batch_size: opts.batch_size.max(1) };
-    let mut generate = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, progress: &mut dyn Progress| {
-        let t = Instant::now();
-        progress.stage(name, set.ids.len());
-        let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| progress.advance(n))?;
-        seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
-        Ok::<_, Error>(out)
-    };
-    let g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, progress)?;
-    let g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, progress)?;
-    let g_sh = generate(&format!("{label} harmful"), subject_model, subject_hook.as_mut(), &inputs.harmful, progress)?;
-    let g_sn =
-        generate(&format!("{label} harmless"), subject_model, subject_hook.as_mut(), &inputs.harmless, progress)?;
     let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
     let g_induced = match induce_at {
         Some((d, layer)) => {
             let mut add = Interventions::activation_addition(layers, layer, &d.values, opts.coeff)?;
-            Some((layer, generate("induced harmless", original, &mut add, &inputs.harmless, progress)?))
+            Some((
+                layer,
+                generate("induced harmless", original, &mut add, &inputs.harmless, Record::default(), progress)?,
+            ))
         }
         None => None,
     };
@@ -259,28 +258,22 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         arm: arm(&format!("direction added at layer {layer}"), &inputs.harmless, false, &g, None),
     });
 
-    // Cross-entropy of both on the original's own harmless completions (without the end-of-turn token).
+    // Cross-entropy of both on the original's own harmless completions (without the end-of-turn token): the
+    // original's from the log-probabilities its greedy run chose them with (the same computation as teacher
+    // forcing, `tests/loss.rs`), the compared run's by teacher forcing.
     let (ce_original, ce_edited) = if opts.cross_entropy {
         let t = Instant::now();
         let stops = inputs.chat.eos_ids();
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = inputs
-            .harmless
-            .ids
-            .iter()
-            .zip(&g_on)
-            .map(|(p, g)| {
-                let mut c = g.tokens.clone();
-                if c.last().is_some_and(|t| stops.contains(t)) {
-                    c.pop();
-                }
-                (p.clone(), c)
-            })
-            .collect();
-        progress.stage("cross-entropy", 2 * pairs.len());
-        let b = opts.batch_size.clamp(1, 16);
-        let a = cross_entropy(original, &mut NoHook, &pairs, b, &mut |n| progress.advance(n))?;
-        let e =
-            cross_entropy(subject_model, subject_hook.as_mut(), &pairs, b, &mut |n| progress.advance(pairs.len() + n))?;
+        let kept =
+            |g: &eval::Completion| g.tokens.len() - usize::from(g.tokens.last().is_some_and(|t| stops.contains(t)));
+        let a = Loss::from_logprobs(g_on.iter().map(|g| &g.logprobs[..kept(g)]))
+            .ok_or_else(|| Error::Input("cross-entropy: every harmless completion is empty".into()))?;
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+            inputs.harmless.ids.iter().zip(&g_on).map(|(p, g)| (p.clone(), g.tokens[..kept(g)].to_vec())).collect();
+        progress.stage("cross-entropy", pairs.len());
+        let e = cross_entropy(subject_model, subject_hook.as_mut(), &pairs, opts.batch_size.max(1), &mut |n| {
+            progress.advance(n)
+        })?;
         seconds.insert("cross-entropy".to_string(), t.elapsed().as_secs_f64());
         (Some(a), Some(e))
     } else {
