@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
     /// Choice rule: the fewest refusals among trials with first-token KL at most this, then the smallest KL.
-    #[arg(long, value_name = "KL", default_value_t = 0.1)]
+    #[arg(long, value_name = "KL", default_value_t = 0.1, allow_negative_numbers = true)]
     max_kl: f64,
     /// Generation length of the judged completions, in trials and in verify (late refusals appear after 64+
     /// tokens).
