@@ -85,13 +85,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// Whether OUT can hold a search: absent, empty, or holding one (`settings.json`). Returns whether it
-/// holds one. Call before writing anything into OUT.
+/// Whether OUT can hold a search: absent, empty, holding only `find/` (a run stopped before its first
+/// trial), or holding one (`settings.json`). Returns whether it holds one. Call before writing into OUT.
 pub fn check_out(out: &Path) -> Result<bool> {
     if out.join(SETTINGS).is_file() {
         return Ok(true);
     }
-    if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) || out.is_file() {
+    let foreign = |mut d: std::fs::ReadDir| d.any(|e| !e.is_ok_and(|e| e.file_name() == "find"));
+    if std::fs::read_dir(out).is_ok_and(foreign) || out.is_file() {
         return Err(Error::Store {
             path: out.to_path_buf(),
             problem: format!("exists and holds no `{SETTINGS}` of an optimize run; choose another -o"),
@@ -249,6 +250,8 @@ mod tests {
         let other = dir.path().join("other");
         assert!(!check_out(&other).unwrap());
         std::fs::create_dir(&other).unwrap();
+        assert!(!check_out(&other).unwrap());
+        std::fs::create_dir(other.join("find")).unwrap();
         assert!(!check_out(&other).unwrap());
         std::fs::write(other.join("x"), "").unwrap();
         let e = check_out(&other).unwrap_err().to_string();
