@@ -54,6 +54,21 @@ pub struct Args {
     /// tokens).
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_new_tokens: usize,
+    /// find: harmful training prompts (default: the embedded set).
+    #[arg(long, value_name = "FILE", help_heading = "find")]
+    harmful: Option<PathBuf>,
+    /// find: harmless training prompts.
+    #[arg(long, value_name = "FILE", help_heading = "find")]
+    harmless: Option<PathBuf>,
+    /// find: harmful validation prompts.
+    #[arg(long, value_name = "FILE", help_heading = "find")]
+    harmful_val: Option<PathBuf>,
+    /// find: harmless validation prompts.
+    #[arg(long, value_name = "FILE", help_heading = "find")]
+    harmless_val: Option<PathBuf>,
+    /// find: the paper's exact draws (seed 42) instead of --seed.
+    #[arg(long, help_heading = "find")]
+    paper_sampling: bool,
     /// Harmful prompts of each trial: the first N of --trial-harmful.
     #[arg(long, value_name = "N", default_value_t = 32)]
     prompts: usize,
@@ -131,14 +146,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let find_dir = out.join("find");
     let dfile = find_dir.join(find::output::DIRECTION);
     if !dfile.is_file() {
+        let sets = crate::cmd::find::read_sets([&args.harmful, &args.harmless, &args.harmful_val, &args.harmless_val])?;
         let find_opts = find::Options {
-            sampling: Sampling::Seed { seed: args.seed },
+            sampling: if args.paper_sampling { Sampling::Paper } else { Sampling::Seed { seed: args.seed } },
             system: system.clone(),
             select: SelectOptions::default(),
             batch_size: args.batch_size.max(1),
             ..find::Options::default()
         };
-        let found = find::find(&model, &chat, &find::Sets::embedded(), &find_opts, &find::NoProgress)?;
+        let found = find::find(&model, &chat, &sets, &find_opts, &find::NoProgress)?;
         std::fs::create_dir_all(&out).with_context(|| format!("creating `{}`", out.display()))?;
         find::output::write(&found, &meta, &find_dir, true)?;
     }
