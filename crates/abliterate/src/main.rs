@@ -39,6 +39,9 @@ enum Command {
     /// find -> edit -> verify in one command: the edited model with a model card, the direction and both
     /// reports, in OUT.
     Run(Box<cmd::run::Args>),
+    /// Search directions and edit variants (multi-objective TPE, evaluated with hooks, resumable), then edit
+    /// and verify the chosen trial; the Pareto front of refusals against KL in OUT.
+    Optimize(Box<cmd::optimize::Args>),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Direction(a) => cmd::direction::run(a),
         Command::Verify(a) => cmd::verify::run(*a),
         Command::Run(a) => cmd::run::run(*a),
+        Command::Optimize(a) => cmd::optimize::run(*a),
     };
     match result {
         Ok(code) => code,

@@ -321,6 +321,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         "greedy": true,
         "stop": "the model's end-of-turn ids",
         "judge": {"source": inputs.judge.source, "phrases": inputs.judge.phrases(), "match": "substring, case-insensitive, typographic quotes made ASCII"},
+        "second_judge": eval::judge::SECOND_JUDGE,
         "refusal_tokens": refusal_tokens,
         "refusal_tokens_detected": detected,
         "refusal_tokens_not_detected": undetected,

@@ -27,6 +27,9 @@ pub struct Completion {
     pub category: Option<String>,
     /// The judge's verdict.
     pub refused: bool,
+    /// Degenerate output (empty or a repetition loop, [`eval::judge::is_degenerate`] of the whole
+    /// completion): the second judge counts it as a refusal.
+    pub degenerate: bool,
     /// Refusal score of the prompt (method.md §3), where measured.
     pub score: Option<f64>,
     /// New tokens, the end-of-turn token included when there was one.
@@ -52,11 +55,13 @@ impl Completion {
         tokens: usize,
         stopped: bool,
     ) -> Completion {
+        let degenerate = eval::judge::is_degenerate(text);
         let (text, cut) = if harmful { first_words(text, HARMFUL_WORDS) } else { (text.to_string(), false) };
         Completion {
             prompt: prompt.to_string(),
             category: category.map(str::to_string),
             refused,
+            degenerate,
             score,
             tokens,
             stopped,
@@ -78,6 +83,8 @@ pub struct Arm {
     /// `original`, `edited`, `ablation (hooks)`, `activation addition (layer 22)`, ...
     pub label: String,
     pub refusal: Rate,
+    /// The second judge's rate: a refusal or degenerate output ([`eval::judge::SECOND_JUDGE`]).
+    pub refusal_second: Rate,
     /// Per category, where the prompts have categories.
     pub per_category: BTreeMap<String, Rate>,
     /// Mean refusal score (method.md §3), where measured.
@@ -91,6 +98,7 @@ pub struct Arm {
 impl Arm {
     pub fn new(label: &str, completions: Vec<Completion>) -> Arm {
         let refusal = Rate::of(completions.iter().map(|c| c.refused));
+        let refusal_second = Rate::of(completions.iter().map(|c| c.refused || c.degenerate));
         let mut by_cat: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         for c in &completions {
             if let Some(cat) = &c.category {
@@ -106,6 +114,7 @@ impl Arm {
         Arm {
             label: label.to_string(),
             refusal,
+            refusal_second,
             per_category: by_cat.into_iter().map(|(k, (r, n))| (k, Rate::new(r, n))).collect(),
             mean_score,
             mean_tokens: completions.iter().map(|c| c.tokens).sum::<usize>() as f64 / n,
@@ -266,6 +275,16 @@ impl Report {
             let what = if s.harmful { "harmful" } else { "harmless" };
             writeln!(
                 md,
+                "| {what} refusal rate, second judge (refusal or degenerate output) | {} | {} |",
+                rate(&s.original.refusal_second),
+                rate(&s.edited.refusal_second)
+            )
+            .unwrap();
+        }
+        for s in [&self.harmful, &self.harmless] {
+            let what = if s.harmful { "harmful" } else { "harmless" };
+            writeln!(
+                md,
                 "| mean refusal score, {what} | {} | {} |",
                 opt(s.original.mean_score, 3),
                 opt(s.edited.mean_score, 3)
@@ -321,7 +340,12 @@ impl Report {
             )
             .unwrap();
         }
-        writeln!(md, "\nRates are the judge's refusals over the prompts with 95% Wilson intervals.\n").unwrap();
+        writeln!(
+            md,
+            "\nRates are the judge's refusals over the prompts with 95% Wilson intervals. The second judge is {}.\n",
+            eval::judge::SECOND_JUDGE
+        )
+        .unwrap();
 
         if let Some(eq) = &self.equivalence {
             self.equivalence_md(&mut md, eq);

@@ -6,5 +6,6 @@ pub mod edit;
 pub mod find;
 pub mod generate;
 pub mod inspect;
+pub mod optimize;
 pub mod run;
 pub mod verify;

@@ -313,8 +313,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let card = card::render(&card::Card {
         model: &args.model,
         model_sha256: &meta.model_sha256,
-        found: &found,
-        direction: &direction,
+        made_by: "abliterate run",
+        direction: card::found_direction(&found, &direction),
+        extra: String::new(),
         manifest: &edited_report.manifest,
         report: &report,
     });
@@ -350,8 +351,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(if report.gates.iter().all(|g| g.passed) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// The model card (`OUT/README.md`).
-mod card {
+/// The model card (`OUT/README.md`; `optimize` writes one for its chosen edit too).
+pub(crate) mod card {
     use std::fmt::Write as _;
     use std::path::Path;
 
@@ -362,10 +363,31 @@ mod card {
     pub struct Card<'a> {
         pub model: &'a Path,
         pub model_sha256: &'a str,
-        pub found: &'a find::Found,
-        pub direction: &'a Direction,
+        /// The command that made the model (`abliterate run`).
+        pub made_by: &'a str,
+        /// The paragraph of "The direction" ([`found_direction`] for `find`'s choice).
+        pub direction: String,
+        /// Sections (Markdown) after "What was edited": every parameter of a search, for `optimize`.
+        pub extra: String,
         pub manifest: &'a Value,
         pub report: &'a Report,
+    }
+
+    /// "The direction" of a card for `find`'s chosen candidate.
+    pub fn found_direction(found: &find::Found, direction: &Direction) -> String {
+        let choice = &found.choice;
+        format!(
+            "Difference of mean residual-stream activations between harmful and harmless instructions, at the \
+             residual entering **layer {} of {}**, **position {}** from the end of the prompt; norm {:.4}; chosen by \
+             {}. File: `find/direction.safetensors` (sha256 `{}`); every candidate's scores, the report and the \
+             plots are in `find/`.",
+            choice.layer,
+            found.layers,
+            choice.position,
+            direction.norm(),
+            choice.rule.describe(),
+            direction.sha256
+        )
     }
 
     fn rate(r: &verify::Rate) -> String {
@@ -381,33 +403,21 @@ mod card {
     fn write(md: &mut String, c: &Card<'_>) -> std::fmt::Result {
         let r = c.report;
         let name = c.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-        let choice = &c.found.choice;
         writeln!(md, "---\ntags:\n- abliterate\n- refusal-direction\n- weight-orthogonalization\n---\n")?;
         writeln!(md, "# {name}, with its refusal direction removed\n")?;
         writeln!(
             md,
             "This is `{}` (weights sha256 `{}`) with the direction that mediates its refusals removed from every \
              weight that writes to the residual stream (Arditi et al. 2024, *Refusal in Language Models Is Mediated \
-             by a Single Direction*), made by `abliterate` {} with `abliterate run`. It refuses far less often, \
+             by a Single Direction*), made by `abliterate` {} with `{}`. It refuses far less often, \
              harmful requests included: use it for research on refusal and safety, not to deploy.\n",
             c.model.display(),
             c.model_sha256,
-            env!("CARGO_PKG_VERSION")
+            env!("CARGO_PKG_VERSION"),
+            c.made_by
         )?;
         writeln!(md, "## The direction\n")?;
-        writeln!(
-            md,
-            "Difference of mean residual-stream activations between harmful and harmless instructions, at the \
-             residual entering **layer {} of {}**, **position {}** from the end of the prompt; norm {:.4}; chosen by \
-             {}. File: `find/direction.safetensors` (sha256 `{}`); every candidate's scores, the report and the \
-             plots are in `find/`.\n",
-            choice.layer,
-            c.found.layers,
-            choice.position,
-            c.direction.norm(),
-            choice.rule.describe(),
-            c.direction.sha256
-        )?;
+        writeln!(md, "{}\n", c.direction)?;
         writeln!(md, "## What was edited\n")?;
         let m = c.manifest;
         let edited = m["edited"].as_array().map_or(0, Vec::len);
@@ -421,12 +431,14 @@ mod card {
         }
         writeln!(
             md,
-            "{edited} tensors orthogonalized against the direction, `W' = W − r̂ r̂ᵀ W` computed in f64 and rounded once \
+            "{edited} tensors orthogonalized against the direction, `W' = W − s r̂ r̂ᵀ W` (each tensor's scale `s` \
+             is in the manifest: 1 unless `--scale` or a layer kernel set it) computed in f64 and rounded once \
              to the stored dtype ({}). {}. Per-tensor ledger, options and the sha256 of every file: \
              `abliterate.json`.\n",
             kinds.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", "),
             m["tie_note"].as_str().unwrap_or("")
         )?;
+        md.push_str(&c.extra);
         writeln!(md, "## Measured (`verify/report.md`)\n")?;
         writeln!(
             md,

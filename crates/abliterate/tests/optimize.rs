@@ -1,0 +1,168 @@
+//! `abliterate optimize` end to end on the committed tiny refusing model (`fixtures/tiny-refusal/model`,
+//! 4 layers, seconds per run): the search, its resumption, the outputs, and the errors for bad options.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use util::abliterate;
+
+fn tiny() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-refusal/model")
+}
+
+/// A small search: 8 harmful and 8 harmless prompts, 16 new tokens.
+fn optimize(out: &Path, trials: usize, extra: &[&str]) -> util::Run {
+    let mut args: Vec<String> = vec![
+        "optimize".into(),
+        tiny().display().to_string(),
+        "-o".into(),
+        out.display().to_string(),
+        "--trials".into(),
+        trials.to_string(),
+        "--startup".into(),
+        "3".into(),
+        "--prompts".into(),
+        "8".into(),
+        "--max-new-tokens".into(),
+        "16".into(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    abliterate(&args)
+}
+
+/// The trials of a run without their timings.
+fn trials(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("trials.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn optimize_searches_chooses_edits_and_verifies_and_a_resumed_search_equals_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+
+    // Uninterrupted: 6 trials.
+    let r = optimize(&a, 6, &["--max-kl", "10"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (v["trials"].as_u64(), v["new_trials"].as_u64(), v["resumed"].as_bool()),
+        (Some(6), Some(6), Some(false))
+    );
+
+    // Interrupted after 3 trials (a run of 3), then the same command with 6: it runs only the missing 3.
+    let r = optimize(&b, 3, &["--max-kl", "10"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = optimize(&b, 6, &["--max-kl", "10"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let w: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!((w["new_trials"].as_u64(), w["resumed"].as_bool()), (Some(3), Some(true)));
+    let (ta, tb) = (trials(&a), trials(&b));
+    assert_eq!(ta.len(), 6);
+    assert_eq!(ta, tb, "a resumed search must propose and measure the same trials");
+    assert_eq!((&v["chosen"]["trial"], &v["chosen"]["params"]), (&w["chosen"]["trial"], &w["chosen"]["params"]));
+
+    // The choice is the rule's over the stored trials, and is on the front.
+    let scored: Vec<(u64, f64)> =
+        ta.iter().map(|t| (t["refusals"].as_u64().unwrap(), t["kl"].as_f64().unwrap())).collect();
+    let best = scored
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.1 <= 10.0)
+        .min_by(|x, y| x.1.0.cmp(&y.1.0).then(x.1.1.total_cmp(&y.1.1)))
+        .unwrap()
+        .0;
+    assert_eq!(v["chosen"]["trial"].as_u64(), Some(best as u64));
+    let front: Vec<u64> = v["front"].as_array().unwrap().iter().map(|t| t["trial"].as_u64().unwrap()).collect();
+    assert!(front.contains(&(best as u64)), "{front:?}");
+    for t in &ta {
+        let (r, k) = (t["refusals"].as_u64().unwrap(), t["kl"].as_f64().unwrap());
+        let dominated = scored.iter().any(|&(r2, k2)| r2 <= r && k2 <= k && (r2 < r || k2 < k));
+        assert_eq!(front.contains(&t["trial"].as_u64().unwrap()), !dominated, "{t}");
+        assert!(k >= 0.0 && r <= 8 && t["refusals_second_judge"].as_u64().unwrap() >= r);
+    }
+
+    // Outputs: the report, the plot, the chosen files that `edit` reads, the model with its card, verify's report.
+    let report = std::fs::read_to_string(a.join("report.md")).unwrap();
+    assert!(report.contains(&format!("## Pareto front ({} of 6 trials)", front.len())), "{report}");
+    assert!(report.contains(&format!("Chosen: **trial {best}**")), "{report}");
+    let svg = std::fs::read_to_string(a.join("pareto.svg")).unwrap();
+    assert_eq!(svg.matches("<circle").count(), 6 + 1);
+    let kernel: Value = serde_json::from_str(&std::fs::read_to_string(a.join("chosen/kernel.json")).unwrap()).unwrap();
+    assert_eq!(kernel["attn"].as_array().unwrap().len(), 4);
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("model/abliterate.json")).unwrap()).unwrap();
+    assert_eq!(manifest["options"]["norm_preserving"], v["chosen"]["params"]["norm_preserving"]);
+    let card = std::fs::read_to_string(a.join("model/README.md")).unwrap();
+    for needle in [
+        "made by `abliterate`",
+        "with `abliterate optimize`",
+        "attention-output kernel",
+        "MLP-down kernel",
+        "norm-preserving |",
+        &format!("**trial {best}**"),
+    ] {
+        assert!(card.contains(needle), "model card lacks {needle:?}:\n{card}");
+    }
+    let vr: Value = serde_json::from_str(&std::fs::read_to_string(a.join("verify/report.json")).unwrap()).unwrap();
+    assert!(
+        vr["harmful"]["edited"]["refusal_second"]["rate"].as_f64().unwrap()
+            >= vr["harmful"]["edited"]["refusal"]["rate"].as_f64().unwrap()
+    );
+    assert!(std::fs::read_to_string(a.join("verify/report.md")).unwrap().contains("second judge"));
+    assert_eq!(v["report"]["harmful"]["edited"]["refusal"], vr["harmful"]["edited"]["refusal"]);
+
+    // Rerunning with a KL bound no trial meets fails with a message and keeps the trials; other settings are refused.
+    let r = optimize(&a, 6, &["--max-kl", "0"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.starts_with("error: no trial has first-token KL <= --max-kl 0 (the smallest is "), "{}", r.stderr);
+    assert_eq!(trials(&a), ta);
+    let r = optimize(&a, 6, &["--seed", "1"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(
+        r.stderr.trim_end(),
+        format!(
+            "error: `{}`: the trials in this OUT were made with other settings (`/sampler/seed`: 0 there, 1 now); run \
+             with the same settings to resume, or choose another -o",
+            a.join("settings.json").display()
+        )
+    );
+}
+
+#[test]
+fn bad_options_are_refused_with_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let tiny_str = tiny().display().to_string();
+    let e = |extra: &[&str]| {
+        let o = out.display().to_string();
+        let mut args = vec!["optimize", tiny_str.as_str(), "-o", o.as_str()];
+        args.extend(extra);
+        let r = abliterate(&args);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        r.stderr.trim_end().to_string()
+    };
+    assert_eq!(e(&["--trials", "0"]), "error: --trials must be at least 1");
+    assert_eq!(e(&["--prompts", "0"]), "error: --prompts must be at least 1");
+    assert_eq!(e(&["--max-kl", "-1"]), "error: --max-kl -1 must be a finite number >= 0");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("something"), "").unwrap();
+    assert_eq!(
+        e(&[]),
+        format!(
+            "error: `{}`: exists and holds no `settings.json` of an optimize run; choose another -o",
+            out.display()
+        )
+    );
+    assert!(!out.join("find").exists());
+}

@@ -1,0 +1,146 @@
+//! One trial's objectives, measured on the original model with hooks (docs/variants.md, "Hooks"): the
+//! trial's edit is planned (`edit::plan`, never written), its writes (`Plan::write_ops`) become projections
+//! at the same sites, and the model runs under them.
+//!
+//! - refusals: greedy completions of the harmful prompts (`max_new_tokens`, stopping at end of turn),
+//!   judged by the substring judge ([`eval::Judge`]); the second judge (substring or degenerate output,
+//!   [`eval::judge::is_degenerate`]) is counted beside it;
+//! - KL: mean first-token KL(original ‖ hooked) over the harmless prompts (method.md §5 formula), the
+//!   original's distributions computed once.
+//!
+//! A norm-preserving trial uses the `keep_norm` hook, which restores the norm of each whole write; the
+//! edit rescales each written column instead, which no residual hook reproduces (docs/variants.md), so a
+//! norm-preserving trial's numbers are those of its hook, and `verify` of the chosen edit measures the edit.
+
+use chat::Chat;
+use checkpoint::Site as WriterSite;
+use direction::{Candidates, Direction, Directions};
+use eval::score::KlBase;
+use eval::{BatchOptions, CompleteOptions, Judge, Prompts};
+use model::{Interventions, Model, NoHook, Site};
+
+use crate::space::Params;
+use crate::{Error, Result};
+
+/// How a trial is measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalOptions {
+    /// Generation length of the harmful completions (late refusals appear after 64+ tokens).
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+/// What one trial measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outcome {
+    /// Harmful completions the judge calls refusals.
+    pub refusals: usize,
+    /// The same, by the second judge (a refusal or degenerate output).
+    pub refusals_second: usize,
+    /// Mean first-token KL on the harmless prompts.
+    pub kl: f64,
+}
+
+/// Everything a trial needs, prepared once.
+pub struct Evaluator<'a> {
+    model: &'a Model,
+    chat: &'a Chat,
+    candidates: &'a Candidates,
+    position: i64,
+    harmful: Vec<Vec<u32>>,
+    harmless: Prompts,
+    base: Vec<KlBase>,
+    judge: &'a Judge,
+    opts: EvalOptions,
+}
+
+impl<'a> Evaluator<'a> {
+    /// Prepares the prompts (chat-formatted ids) and the original's harmless first-token distributions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: &'a Model,
+        chat: &'a Chat,
+        candidates: &'a Candidates,
+        position: i64,
+        harmful: Vec<Vec<u32>>,
+        harmless: Vec<Vec<u32>>,
+        judge: &'a Judge,
+        opts: EvalOptions,
+    ) -> Result<Evaluator<'a>> {
+        if harmful.is_empty() || harmless.is_empty() {
+            return Err(Error::Space("optimize needs at least one harmful and one harmless prompt".into()));
+        }
+        let batch = BatchOptions { batch_size: opts.batch_size.max(1), share_prefix: true, keep: 1 };
+        let harmless = Prompts::new(harmless, batch)?;
+        let mut base = Vec::with_capacity(harmless.len());
+        harmless.last_logits(model, &mut NoHook, &mut |_, z| {
+            base.push(KlBase::new(z));
+            Ok(())
+        })?;
+        Ok(Evaluator { model, chat, candidates, position, harmful, harmless, base, judge, opts })
+    }
+
+    pub fn harmful_len(&self) -> usize {
+        self.harmful.len()
+    }
+
+    /// The unit direction of a fractional index (heretic's interpolation between candidates).
+    pub fn direction(&self, index: f64) -> Result<Vec<f64>> {
+        direction::derive::interpolate(self.candidates, self.position, index).map_err(Error::Space)
+    }
+
+    /// The hooks that equal the trial's edit (up to the norm-preserving caveat in the module docs).
+    pub fn hooks(&self, p: &Params) -> Result<Interventions> {
+        let ckpt = self.model.checkpoint();
+        let layers = ckpt.config.num_hidden_layers;
+        let d = Direction {
+            values: self.direction(p.index)?,
+            dtype: checkpoint::Dtype::F64,
+            metadata: Default::default(),
+            sha256: String::new(),
+            path: Default::default(),
+        };
+        let opts = edit::Options { norm_preserving: p.norm_preserving, kernel: p.kernel(), ..edit::Options::default() };
+        let plan = edit::plan(ckpt, &opts)?;
+        let bases = plan.bases(ckpt, &Directions::single(d, layers))?;
+        let mut hooks = Interventions::new(layers, self.model.arch().hidden);
+        for w in plan.write_ops(&bases) {
+            let (layer, site) = match (w.layer, w.site) {
+                (None, _) => (0, Site::Input),
+                (Some(l), Some(WriterSite::Attn)) => (l, Site::Attn),
+                (Some(l), Some(WriterSite::Mlp)) => (l, Site::Mlp),
+                (Some(l), None) => return Err(Error::Space(format!("a writer of layer {l} has no site"))),
+            };
+            hooks.project_basis(layer, site, w.basis.as_slice(), w.scale, w.norm_preserving)?;
+        }
+        Ok(hooks)
+    }
+
+    /// Measures one trial.
+    pub fn evaluate(&self, p: &Params) -> Result<Outcome> {
+        let mut hooks = self.hooks(p)?;
+        let mut kls = Vec::with_capacity(self.base.len());
+        self.harmless.last_logits(self.model, &mut hooks, &mut |i, z| {
+            kls.push(self.base[i].kl(z));
+            Ok(())
+        })?;
+        let kl = kls.iter().sum::<f64>() / kls.len() as f64;
+        let copts =
+            CompleteOptions { max_new_tokens: self.opts.max_new_tokens, batch_size: self.opts.batch_size.max(1) };
+        let done = eval::complete(self.model, self.chat, &self.harmful, &copts, &mut hooks, &mut |_| {})?;
+        let refused: Vec<bool> = done.iter().map(|c| self.judge.is_refusal(&c.text)).collect();
+        let refusals = refused.iter().filter(|r| **r).count();
+        let refusals_second =
+            done.iter().zip(&refused).filter(|(c, r)| **r || eval::judge::is_degenerate(&c.text)).count();
+        Ok(Outcome { refusals, refusals_second, kl })
+    }
+}
+
+/// The first layer from which every candidate at `position` is a usable direction (nonzero, finite norm).
+pub fn first_usable(c: &Candidates, position: i64) -> usize {
+    (0..c.layers())
+        .rev()
+        .take_while(|&l| c.direction(direction::Candidate { position, layer: l }).is_ok())
+        .last()
+        .unwrap_or(c.layers())
+}

@@ -1,0 +1,153 @@
+//! The search space (docs/optimize.md): every trial is a point of the unit cube (and one choice), mapped
+//! to an edit's parameters here and nowhere else.
+
+use edit::{LayerKernel, Profile, Tent};
+use serde_json::{Value, json};
+
+use crate::tpe::Dim;
+use crate::{Error, Result};
+
+/// heretic's range of a kernel's peak weight (`max_weight`).
+pub const PEAK: (f64, f64) = (0.8, 1.5);
+
+/// The ranges of a model's search.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Space {
+    /// Decoder layers of the model.
+    pub layers: usize,
+    /// `find`'s position (from the end of the prompt) whose candidates the direction index interpolates.
+    pub position: i64,
+    /// The fractional direction index's range: the usable candidates' layers.
+    pub index: (f64, f64),
+}
+
+/// One trial's edit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// heretic's `direction_index`: `normalize((1 − t) r̂_a + t r̂_b)` between the candidates entering layers
+    /// `a = ⌊index⌋` and `a + 1` (`direction::derive::interpolate`).
+    pub index: f64,
+    pub attn: Tent,
+    pub mlp: Tent,
+    pub norm_preserving: bool,
+}
+
+/// The ten parameters, in point order.
+pub const NAMES: [&str; 10] = [
+    "direction_index",
+    "attn.peak",
+    "attn.position",
+    "attn.min_fraction",
+    "attn.width",
+    "mlp.peak",
+    "mlp.position",
+    "mlp.min_fraction",
+    "mlp.width",
+    "norm_preserving",
+];
+
+impl Space {
+    /// The space of a model with `layers` layers whose candidates at `position` are usable from layer
+    /// `first_usable` on (the residual entering layer 0 is the embedding, the same for every prompt at a
+    /// post-instruction position, so its candidate is zero).
+    pub fn new(layers: usize, position: i64, first_usable: usize) -> Result<Space> {
+        if first_usable >= layers {
+            return Err(Error::Space(format!(
+                "no usable candidate at position {position}: the direction index needs at least one nonzero \
+                 candidate among layers 0..={}",
+                layers.saturating_sub(1)
+            )));
+        }
+        Ok(Space { layers, position, index: (first_usable as f64, (layers - 1) as f64) })
+    }
+
+    pub fn dims(&self) -> Vec<Dim> {
+        let mut d = vec![Dim::Unit; 9];
+        d.push(Dim::Choice(2));
+        d
+    }
+
+    fn last(&self) -> f64 {
+        (self.layers - 1) as f64
+    }
+
+    /// The width's range: [1, L − 1] (a single layer model: [0, 0]).
+    fn width(&self) -> (f64, f64) {
+        let hi = self.last();
+        (1f64.min(hi), hi)
+    }
+
+    /// Maps a point of the unit cube (and the choice) to an edit.
+    pub fn params(&self, x: &[f64]) -> Params {
+        let at = |u: f64, (lo, hi): (f64, f64)| lo + u * (hi - lo);
+        let tent = |u: &[f64]| {
+            let peak = at(u[0], PEAK);
+            Tent { peak, position: at(u[1], (0.0, self.last())), min: u[2] * peak, width: at(u[3], self.width()) }
+        };
+        Params { index: at(x[0], self.index), attn: tent(&x[1..5]), mlp: tent(&x[5..9]), norm_preserving: x[9] == 1.0 }
+    }
+
+    /// As recorded in `settings.json`: a resumed search must have the same space.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "layers": self.layers,
+            "position": self.position,
+            "direction_index": [self.index.0, self.index.1],
+            "peak": [PEAK.0, PEAK.1],
+            "kernel_position": [0.0, self.last()],
+            "min": "min_fraction x peak, min_fraction in [0, 1]",
+            "width": [self.width().0, self.width().1],
+            "norm_preserving": [false, true],
+            "parameters": NAMES,
+        })
+    }
+}
+
+impl Params {
+    /// The edit's layer kernel (the embedding keeps weight 1).
+    pub fn kernel(&self) -> LayerKernel {
+        LayerKernel { attn: Some(Profile::Tent(self.attn)), mlp: Some(Profile::Tent(self.mlp)), embedding: None }
+    }
+
+    /// The kernel as the table file `edit --kernel-table` reads: one weight per layer and group.
+    pub fn kernel_table(&self, layers: usize) -> Value {
+        json!({
+            "attn": (0..layers).map(|l| self.attn.weight(l)).collect::<Vec<_>>(),
+            "mlp": (0..layers).map(|l| self.mlp.weight(l)).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "direction_index": self.index,
+            "attn": self.attn.to_string(),
+            "mlp": self.mlp.to_string(),
+            "norm_preserving": self.norm_preserving,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_map_to_the_stated_ranges() {
+        let s = Space::new(5, -1, 1).unwrap();
+        let p = s.params(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(p.index, 1.0);
+        assert_eq!(p.attn, Tent { peak: 0.8, position: 0.0, min: 0.0, width: 1.0 });
+        assert_eq!(p.mlp, Tent { peak: 1.5, position: 4.0, min: 1.5, width: 4.0 });
+        assert!(p.norm_preserving);
+        let p = s.params(&[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0]);
+        assert_eq!((p.index, p.attn.position, p.attn.width, p.norm_preserving), (2.5, 2.0, 2.5, false));
+        assert!((p.attn.min - 0.575).abs() < 1e-12);
+        let t = p.kernel_table(5);
+        assert_eq!(t["attn"][2], 1.15);
+        assert_eq!(
+            Space::new(4, -1, 4).unwrap_err().to_string(),
+            "no usable candidate at position -1: the direction index needs at least one nonzero candidate among \
+             layers 0..=3"
+        );
+    }
+}
