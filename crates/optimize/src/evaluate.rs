@@ -125,8 +125,11 @@ impl<'a> Evaluator<'a> {
             Ok(())
         })?;
         let kl = kls.iter().sum::<f64>() / kls.len() as f64;
-        let copts =
-            CompleteOptions { max_new_tokens: self.opts.max_new_tokens, batch_size: self.opts.batch_size.max(1) };
+        let copts = CompleteOptions {
+            max_new_tokens: self.opts.max_new_tokens,
+            batch_size: self.opts.batch_size.max(1),
+            ..CompleteOptions::default()
+        };
         let done = eval::complete(self.model, self.chat, &self.harmful, &copts, &mut hooks, &mut |_| {})?;
         let refused: Vec<bool> = done.iter().map(|c| self.judge.is_refusal(&c.text)).collect();
         let refusals = refused.iter().filter(|r| **r).count();
