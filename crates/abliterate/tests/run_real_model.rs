@@ -6,8 +6,9 @@
 //! computed in f32. Skips, saying so, where `../shared` is absent.
 //!
 //! `run`'s defaults everywhere except find's prompts: find draws them from the paper's splits exactly as the
-//! reference did (`--paper-sampling`), because with the embedded training prompts find stops on this model
-//! (no candidate with a non-negative induce score; issue 11's to resolve). So `splits/harmful_val.json` is not
+//! reference did (`--paper-sampling`): the gates are the paper's method's level, and with the embedded prompts
+//! the direction find picks on this model reaches less (docs/results.md: `splits/harmful_val.json` 0.15 after
+//! the edit, harmless 0.06; `crates/find/tests/embedded.rs` checks issue 11's levels for it). So `splits/harmful_val.json` is not
 //! held out here: 32 of its 39 prompts are find's harmful validation draw (selection only; the reference
 //! did the same and evaluated on JailbreakBench). The embedded evaluation sets verify uses are held out from
 //! everything. Nothing is tuned to them.
