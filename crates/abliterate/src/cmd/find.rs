@@ -25,19 +25,8 @@ pub struct Args {
     /// Written beside it as a temporary directory and renamed when complete.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     output: PathBuf,
-    /// Harmful training prompts (JSON, JSONL, CSV or text, one per line; field `instruction`, `prompt`,
-    /// `goal` or `text`). Default: the embedded set.
-    #[arg(long, value_name = "FILE")]
-    harmful: Option<PathBuf>,
-    /// Harmless training prompts. Default: the embedded set.
-    #[arg(long, value_name = "FILE")]
-    harmless: Option<PathBuf>,
-    /// Harmful validation prompts. Default: the embedded set.
-    #[arg(long, value_name = "FILE")]
-    harmful_val: Option<PathBuf>,
-    /// Harmless validation prompts. Default: the embedded set.
-    #[arg(long, value_name = "FILE")]
-    harmless_val: Option<PathBuf>,
+    #[command(flatten)]
+    find_prompts: PromptFiles,
     /// Training prompts sampled from each set (the paper's 128).
     #[arg(long, value_name = "N", default_value_t = 128)]
     n_train: usize,
@@ -124,22 +113,41 @@ impl find::Progress for Bars {
     }
 }
 
-/// The embedded prompt sets, with each one given as a file (harmful, harmless, harmful-val, harmless-val)
-/// read instead; `find` and `run` share it.
-pub(crate) fn read_sets(files: [&Option<PathBuf>; 4]) -> Result<Sets> {
-    let mut sets = Sets::embedded();
-    let [harmful, harmless, harmful_val, harmless_val] = files;
-    for (file, slot) in [
-        (harmful, &mut sets.harmful_train),
-        (harmless, &mut sets.harmless_train),
-        (harmful_val, &mut sets.harmful_val),
-        (harmless_val, &mut sets.harmless_val),
-    ] {
-        if let Some(path) = file {
-            *slot = eval::prompts::read(path)?;
+/// find's four prompt sets as files, each replacing its embedded default; `find`, `run` and `optimize` share
+/// them (flattened under a "find" heading where the command does more than find).
+#[derive(clap::Args)]
+pub struct PromptFiles {
+    /// Harmful training prompts (JSON, JSONL, CSV or text, one per line; field `instruction`, `prompt`,
+    /// `goal` or `text`). Default: the embedded set.
+    #[arg(long, value_name = "FILE")]
+    pub harmful: Option<PathBuf>,
+    /// Harmless training prompts. Default: the embedded set.
+    #[arg(long, value_name = "FILE")]
+    pub harmless: Option<PathBuf>,
+    /// Harmful validation prompts. Default: the embedded set.
+    #[arg(long, value_name = "FILE")]
+    pub harmful_val: Option<PathBuf>,
+    /// Harmless validation prompts. Default: the embedded set.
+    #[arg(long, value_name = "FILE")]
+    pub harmless_val: Option<PathBuf>,
+}
+
+impl PromptFiles {
+    /// The embedded prompt sets, with each set given as a file read instead.
+    pub fn sets(&self) -> Result<Sets> {
+        let mut sets = Sets::embedded();
+        for (file, slot) in [
+            (&self.harmful, &mut sets.harmful_train),
+            (&self.harmless, &mut sets.harmless_train),
+            (&self.harmful_val, &mut sets.harmful_val),
+            (&self.harmless_val, &mut sets.harmless_val),
+        ] {
+            if let Some(path) = file {
+                *slot = eval::prompts::read(path)?;
+            }
         }
+        Ok(sets)
     }
-    Ok(sets)
 }
 
 fn refusal_ids(args: &Args, chat: &Chat) -> Result<Option<Vec<u32>>> {
@@ -169,7 +177,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--kl-max and --min-induce must be finite numbers");
     }
     find::output::check(&args.model, &args.output, args.force)?;
-    let sets = read_sets([&args.harmful, &args.harmless, &args.harmful_val, &args.harmless_val])?;
+    let sets = args.find_prompts.sets()?;
     let chat = match &args.template {
         Some(t) => {
             Chat::load_with(&args.model, &chat::Options { template_file: Some(t.clone()), ..Default::default() })

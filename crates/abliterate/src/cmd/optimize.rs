@@ -54,18 +54,8 @@ pub struct Args {
     /// tokens).
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_new_tokens: usize,
-    /// find: harmful training prompts (default: the embedded set).
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmful: Option<PathBuf>,
-    /// find: harmless training prompts.
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmless: Option<PathBuf>,
-    /// find: harmful validation prompts.
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmful_val: Option<PathBuf>,
-    /// find: harmless validation prompts.
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmless_val: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "find")]
+    find_prompts: crate::cmd::find::PromptFiles,
     /// find: the paper's exact draws (seed 42) instead of --seed.
     #[arg(long, help_heading = "find")]
     paper_sampling: bool,
@@ -146,7 +136,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let find_dir = out.join("find");
     let dfile = find_dir.join(find::output::DIRECTION);
     if !dfile.is_file() {
-        let sets = crate::cmd::find::read_sets([&args.harmful, &args.harmless, &args.harmful_val, &args.harmless_val])?;
+        let sets = args.find_prompts.sets()?;
         let find_opts = find::Options {
             sampling: if args.paper_sampling { Sampling::Paper } else { Sampling::Seed { seed: args.seed } },
             system: system.clone(),

@@ -48,18 +48,8 @@ pub struct Args {
     #[arg(long)]
     json: bool,
 
-    /// find: harmful training prompts (default: the embedded set).
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmful: Option<PathBuf>,
-    /// find: harmless training prompts.
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmless: Option<PathBuf>,
-    /// find: harmful validation prompts.
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmful_val: Option<PathBuf>,
-    /// find: harmless validation prompts.
-    #[arg(long, value_name = "FILE", help_heading = "find")]
-    harmless_val: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "find")]
+    find_prompts: crate::cmd::find::PromptFiles,
     /// find: training prompts sampled from each set (the paper's 128).
     #[arg(long, value_name = "N", default_value_t = 128, help_heading = "find")]
     n_train: usize,
@@ -205,7 +195,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--max-equivalence-error cannot be checked for a --norm-preserving edit (it is not a hook)");
     }
     let target = edit::OutputTarget::check(&args.model, &[], &args.output, args.force)?;
-    let sets = crate::cmd::find::read_sets([&args.harmful, &args.harmless, &args.harmful_val, &args.harmless_val])?;
+    let sets = args.find_prompts.sets()?;
     let chat = Chat::load(&args.model)?;
     let refusal_tokens = verify_cmd::refusal_token_ids(&chat, &args.refusal_tokens)?;
     let system = args.system.system();
