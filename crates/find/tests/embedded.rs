@@ -4,6 +4,8 @@
 //! base SmolLM2, which barely refuses, it stops with the clear message instead of producing a direction.
 //! Skips, saying so, where `../shared` is absent.
 
+mod common;
+
 use chat::Chat;
 use eval::{CompleteOptions, Formatter, Judge, System};
 use find::{Options, Sets};
@@ -34,15 +36,7 @@ fn the_embedded_prompts_find_a_direction_that_removes_refusal_on_the_refusing_mo
     let bypass = c.bypass.expect("the chosen candidate's bypass score");
     assert!(bypass < 0.0, "bypass {bypass} (baseline {})", found.baseline_harmful_val);
 
-    let tmp = tempfile::tempdir().unwrap();
-    let dfile = tmp.path().join("direction.safetensors");
-    direction::write(&dfile, found.direction(), checkpoint::Dtype::F64, &Default::default()).unwrap();
-    let d = direction::Direction::load(&dfile, model.arch().hidden).unwrap();
-    let ckpt = model.checkpoint();
-    let plan = edit::plan(ckpt, &edit::Options::default()).unwrap();
-    let edited_dir = tmp.path().join("edited");
-    edit::write(ckpt, &plan, &d, &edited_dir, &edit::WriteOptions::default(), &edit::NoProgress).unwrap();
-    let edited = Model::open(&edited_dir).unwrap();
+    let (_tmp, edited) = common::edited(&model, found.direction());
 
     let split = eval::prompts::read(&shared.join("datasets/refusal_direction/splits/harmful_val.json")).unwrap();
     let ids = Formatter::new(&chat, System::TemplateDefault).unwrap().all(&split.instructions()).unwrap();

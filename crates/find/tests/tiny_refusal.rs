@@ -10,6 +10,8 @@
 //! 0.22 of the harmless prompts, and the README says so; the threshold below leaves a margin above that
 //! for another CPU's rounding, so that a regression fails; lower it with a better model.
 
+mod common;
+
 use std::path::PathBuf;
 
 use chat::Chat;
@@ -70,15 +72,7 @@ fn find_and_edit_with_defaults_take_its_refusal_away() {
         found.refusal.texts, c.position, c.layer, found.choice.rule, c.bypass, c.induce, c.kl
     );
 
-    let tmp = tempfile::tempdir().unwrap();
-    let dfile = tmp.path().join("direction.safetensors");
-    direction::write(&dfile, found.direction(), checkpoint::Dtype::F64, &Default::default()).unwrap();
-    let d = direction::Direction::load(&dfile, model.arch().hidden).unwrap();
-    let ckpt = model.checkpoint();
-    let plan = edit::plan(ckpt, &edit::Options::default()).unwrap();
-    let edited_dir = tmp.path().join("edited");
-    edit::write(ckpt, &plan, &d, &edited_dir, &edit::WriteOptions::default(), &edit::NoProgress).unwrap();
-    let edited = Model::open(&edited_dir).unwrap();
+    let (_tmp, edited) = common::edited(&model, found.direction());
 
     let (harmful, _) = refusal_rate(&edited, &chat, Split::HarmfulEval);
     let (harmless, _) = refusal_rate(&edited, &chat, Split::HarmlessEval);
