@@ -117,6 +117,7 @@ fn subject_label(s: &Subject<'_>) -> &'static str {
 
 /// Runs everything and checks `gates`.
 pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut dyn Progress) -> Result<Report> {
+    let started = Instant::now();
     let original = inputs.original;
     let (layers, hidden, vocab) = (original.arch().layers, original.arch().hidden, original.arch().vocab);
     if inputs.harmful.ids.is_empty() || inputs.harmless.ids.is_empty() {
@@ -331,6 +332,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     if let (Some(s), Some(extra)) = (settings.as_object_mut(), inputs.settings.as_object()) {
         s.extend(extra.clone());
     }
+    seconds.insert("total".to_string(), started.elapsed().as_secs_f64());
     Ok(Report {
         tool: "abliterate".into(),
         version: env!("CARGO_PKG_VERSION").into(),

@@ -287,7 +287,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }),
     };
     let gates = verify_cmd::gates(&args.verify);
-    let mut report = measure::verify(
+    let report = measure::verify(
         &inputs,
         &verify_cmd::measure_options(&args.verify, args.batch_size),
         &gates,
@@ -296,7 +296,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     display.clear();
     drop(edited);
     seconds.insert("verify".into(), json!(t.elapsed().as_secs_f64()));
-    report.seconds.insert("total".into(), started.elapsed().as_secs_f64());
     let verify_dir = temp.path().join("verify");
     std::fs::create_dir(&verify_dir).with_context(|| format!("creating `{}`", verify_dir.display()))?;
     verify_cmd::write_report(&verify_dir, &report)?;
