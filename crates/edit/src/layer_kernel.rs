@@ -68,9 +68,14 @@ impl Tent {
     }
 }
 
+/// `PEAK,POSITION,MIN,WIDTH`, what [`Tent::parse`] reads; a precision (`{:.3}`) applies to each number.
 impl fmt::Display for Tent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},{},{},{}", self.peak, self.position, self.min, self.width)
+        let (a, b, c, d) = (self.peak, self.position, self.min, self.width);
+        match f.precision() {
+            Some(p) => write!(f, "{a:.p$},{b:.p$},{c:.p$},{d:.p$}"),
+            None => write!(f, "{a},{b},{c},{d}"),
+        }
     }
 }
 
@@ -195,6 +200,14 @@ mod tests {
         assert_eq!((t.weight(10), t.weight(11), t.weight(12)), (0.8, 0.8, 0.0));
         let t = Tent::parse("2,3,1,0", "x").unwrap();
         assert_eq!((t.weight(3), t.weight(2)), (2.0, 0.0));
+    }
+
+    #[test]
+    fn tent_displays_as_it_parses() {
+        let t = Tent::parse("1.25,10.5,0.2,4", "x").unwrap();
+        assert_eq!(t.to_string(), "1.25,10.5,0.2,4");
+        assert_eq!(Tent::parse(&t.to_string(), "x").unwrap(), t);
+        assert_eq!(format!("{t:.2}"), "1.25,10.50,0.20,4.00");
     }
 
     #[test]

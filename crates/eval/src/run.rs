@@ -62,10 +62,10 @@ impl Residuals {
 }
 
 /// The number of tokens every prompt starts with, leaving each at least `keep` of its own (0 for no prompts).
-pub fn shared_prefix(ids: &[Vec<u32>], keep: usize) -> usize {
-    let Some(shortest) = ids.iter().map(Vec::len).min() else { return 0 };
+pub fn shared_prefix<P: AsRef<[u32]>>(ids: &[P], keep: usize) -> usize {
+    let Some(shortest) = ids.iter().map(|p| p.as_ref().len()).min() else { return 0 };
     let mut n = 0;
-    while n + keep < shortest && ids.iter().all(|p| p[n] == ids[0][n]) {
+    while n + keep < shortest && ids.iter().all(|p| p.as_ref()[n] == ids[0].as_ref()[n]) {
         n += 1;
     }
     n

@@ -22,19 +22,7 @@ pub struct Context<'a> {
 
 fn params_cells(t: &Trial) -> String {
     let p = &t.params;
-    format!(
-        "{:.3} | {:.3},{:.3},{:.3},{:.3} | {:.3},{:.3},{:.3},{:.3} | {}",
-        p.index,
-        p.attn.peak,
-        p.attn.position,
-        p.attn.min,
-        p.attn.width,
-        p.mlp.peak,
-        p.mlp.position,
-        p.mlp.min,
-        p.mlp.width,
-        if p.norm_preserving { "yes" } else { "no" }
-    )
+    format!("{:.3} | {:.3} | {:.3} | {}", p.index, p.attn, p.mlp, if p.norm_preserving { "yes" } else { "no" })
 }
 
 /// `report.md`.

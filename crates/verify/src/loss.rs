@@ -54,7 +54,7 @@ pub fn cross_entropy(
         return Err(Error::Input(format!("cross-entropy: prompt {i} has no tokens")));
     }
     let scored: Vec<&(Vec<u32>, Vec<u32>)> = pairs.iter().filter(|(_, c)| !c.is_empty()).collect();
-    let prompts: Vec<Vec<u32>> = scored.iter().map(|(p, _)| p.clone()).collect();
+    let prompts: Vec<&[u32]> = scored.iter().map(|(p, _)| p.as_slice()).collect();
     let shared = eval::shared_prefix(&prompts, 1);
     let prefix = if shared == 0 { None } else { Some(model.prefix(&prompts[0][..shared], hook)?) };
     let mut logprobs = Vec::with_capacity(scored.len());

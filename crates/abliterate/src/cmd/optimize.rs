@@ -24,7 +24,7 @@ use optimize::store::{self, Trial};
 use optimize::{EvalOptions, Evaluator, Score, Space, tpe};
 use serde_json::{Value, json};
 use verify::EditRecord;
-use verify::measure::{self, Inputs, Set, Subject};
+use verify::measure::{self, Inputs, Subject};
 
 use crate::cmd::run::card;
 use crate::cmd::verify::{self as verify_cmd, SystemOptions};
@@ -286,11 +286,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // verify the chosen edit.
     let t = Instant::now();
     let edited = args.runtime.load(&model_dir)?;
-    let set = |file: Option<&Path>, split| -> Result<Set> {
-        let p = verify_cmd::prompt_set(file, split)?;
-        let ids = formatter.all(&p.instructions())?;
-        Ok(Set { prompts: p, ids })
-    };
     let inputs = Inputs {
         original: &model,
         original_path: args.model.display().to_string(),
@@ -305,8 +300,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             layer: None,
             info: verify_cmd::direction_info(&direction, None),
         }),
-        harmful: set(args.eval_harmful.as_deref(), Split::HarmfulEval)?,
-        harmless: set(args.eval_harmless.as_deref(), Split::HarmlessEval)?,
+        harmful: verify_cmd::eval_set(args.eval_harmful.as_deref(), Split::HarmfulEval, &formatter)?,
+        harmless: verify_cmd::eval_set(args.eval_harmless.as_deref(), Split::HarmlessEval, &formatter)?,
         judge: &judge,
         refusal_tokens: verify_cmd::recorded_refusal_tokens(&found_direction),
         settings: json!({
@@ -337,8 +332,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
          **trial {}** ({}/{} refusals, KL {:.4} in the search). The front and every trial: `../report.md`, \
          `../trials.jsonl`.\n\n| parameter | value |\n|---|---|\n\
          | direction | `normalize((1 − t) r̂_a + t r̂_b)` of find's candidates at position {position}, index {} (`../chosen/direction.safetensors`, sha256 `{}`) |\n\
-         | attention-output kernel (peak, position, min, width) | {}, {}, {}, {} |\n\
-         | MLP-down kernel (peak, position, min, width) | {}, {}, {}, {} |\n\
+         | attention-output kernel (peak,position,min,width) | {} |\n\
+         | MLP-down kernel (peak,position,min,width) | {} |\n\
          | embedding weight | 1 |\n\
          | norm-preserving | {} |\n\
          | kernel as edited (`--kernel-table`) | `../chosen/kernel.json` |\n\n\
@@ -359,14 +354,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         trial.kl,
         p.index,
         direction.sha256,
-        p.attn.peak,
-        p.attn.position,
-        p.attn.min,
-        p.attn.width,
-        p.mlp.peak,
-        p.mlp.position,
-        p.mlp.min,
-        p.mlp.width,
+        p.attn,
+        p.mlp,
         if p.norm_preserving { "yes" } else { "no" },
         args.model.display(),
         cfile.display(),

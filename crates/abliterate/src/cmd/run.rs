@@ -24,7 +24,7 @@ use eval::{Formatter, Judge, Split};
 use find::{Sampling, SelectOptions, Stage};
 use serde_json::json;
 use verify::EditRecord;
-use verify::measure::{self, Inputs, Set, Subject};
+use verify::measure::{self, Inputs, Subject};
 use verify::report::DirectionInfo;
 
 use crate::cmd::edit::EditOptions;
@@ -251,11 +251,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(f) => Judge::from_file(f)?,
         None => Judge::default(),
     };
-    let set = |file: Option<&Path>, split| -> Result<Set> {
-        let p = verify_cmd::prompt_set(file, split)?;
-        let ids = formatter.all(&p.instructions())?;
-        Ok(Set { prompts: p, ids })
-    };
     let layer = found.choice.layer;
     let out_name = args.output.display().to_string();
     let inputs = Inputs {
@@ -276,8 +271,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 ..verify_cmd::direction_info(&direction, Some(layer))
             },
         }),
-        harmful: set(args.eval_harmful.as_deref(), Split::HarmfulEval)?,
-        harmless: set(args.eval_harmless.as_deref(), Split::HarmlessEval)?,
+        harmful: verify_cmd::eval_set(args.eval_harmful.as_deref(), Split::HarmfulEval, &formatter)?,
+        harmless: verify_cmd::eval_set(args.eval_harmless.as_deref(), Split::HarmlessEval, &formatter)?,
         judge: &judge,
         refusal_tokens: Some(found.refusal.ids.clone()),
         settings: json!({

@@ -172,6 +172,13 @@ pub fn prompt_set(file: Option<&Path>, split: Split) -> Result<PromptSet> {
     }
 }
 
+/// [`prompt_set`], chat-formatted: what `verify::measure` takes for each of its two sets.
+pub fn eval_set(file: Option<&Path>, split: Split, formatter: &Formatter<'_>) -> Result<Set> {
+    let prompts = prompt_set(file, split)?;
+    let ids = formatter.all(&prompts.instructions())?;
+    Ok(Set { prompts, ids })
+}
+
 /// Refusal token strings as ids: each must encode to exactly one token.
 pub fn refusal_token_ids(chat: &Chat, tokens: &[String]) -> Result<Option<Vec<u32>>> {
     if tokens.is_empty() {
@@ -275,8 +282,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let chat = Chat::load(&args.original)?;
     let formatter = Formatter::new(&chat, args.system.system())?;
-    let harmful = prompt_set(args.harmful.as_deref(), Split::HarmfulEval)?;
-    let harmless = prompt_set(args.harmless.as_deref(), Split::HarmlessEval)?;
+    let harmful = eval_set(args.harmful.as_deref(), Split::HarmfulEval, &formatter)?;
+    let harmless = eval_set(args.harmless.as_deref(), Split::HarmlessEval, &formatter)?;
     let judge = match &args.opts.judge {
         Some(f) => Judge::from_file(f)?,
         None => Judge::default(),
@@ -303,10 +310,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(ids) => Some(ids),
         None => direction.as_ref().and_then(recorded_refusal_tokens),
     };
-    let set = |p: PromptSet| -> Result<Set> {
-        let ids = formatter.all(&p.instructions())?;
-        Ok(Set { prompts: p, ids })
-    };
     let subject = match (&edited, &args.edited) {
         (Some(model), Some(path)) => {
             Subject::Edited { model, path: path.display().to_string(), record: record.map(Box::new) }
@@ -323,8 +326,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             layer,
             info: direction_info(d, layer),
         }),
-        harmful: set(harmful)?,
-        harmless: set(harmless)?,
+        harmful,
+        harmless,
         judge: &judge,
         refusal_tokens,
         settings: serde_json::json!({
