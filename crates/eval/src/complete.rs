@@ -6,24 +6,30 @@
 //! Harmful completions are test data: callers show the judge's verdict and the first words, never the
 //! whole text. Never writes a file.
 
-use chat::{Chat, Special};
-use model::{Batch, Finish, GenerateOptions, Hook, Model, Record};
+use std::ops::ControlFlow;
 
-use crate::Result;
+use chat::{Chat, Special};
+use model::{Batch, Finish, GenerateOptions, Hook, Model, Record, Stop};
+
+use crate::{Judge, Result};
 
 /// How to complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CompleteOptions {
+pub struct CompleteOptions<'a> {
     pub max_new_tokens: usize,
     /// Prompts generated together.
     pub batch_size: usize,
     /// What to keep besides the text: first-token logits, log-probabilities of the chosen tokens.
     pub record: Record,
+    /// End a completion as soon as this judge calls its text so far a refusal ([`Finish::Stopped`]):
+    /// a substring judge's phrase stays in the text as it grows, so the verdict is the one the whole
+    /// completion would get, and the tokens after it are not computed. For sets judged by refusal only.
+    pub until_refusal: Option<&'a Judge>,
 }
 
-impl Default for CompleteOptions {
-    fn default() -> CompleteOptions {
-        CompleteOptions { max_new_tokens: 64, batch_size: 32, record: Record::default() }
+impl Default for CompleteOptions<'_> {
+    fn default() -> Self {
+        CompleteOptions { max_new_tokens: 64, batch_size: 32, record: Record::default(), until_refusal: None }
     }
 }
 
@@ -57,7 +63,7 @@ pub fn complete(
     model: &Model,
     chat: &Chat,
     prompts: &[Vec<u32>],
-    opts: &CompleteOptions,
+    opts: &CompleteOptions<'_>,
     hook: &mut dyn Hook,
     done: &mut dyn FnMut(usize),
 ) -> Result<Vec<Completion>> {
@@ -68,9 +74,24 @@ pub fn complete(
     for chunk in prompts.chunks(opts.batch_size.max(1)) {
         let rests: Vec<&[u32]> = chunk.iter().map(|p| &p[shared..]).collect();
         let batch = Batch::new(&rests)?;
-        let gens = model.generate_after(prefix.as_ref(), &batch, &generate, opts.record, hook, &mut |_, _| {
-            std::ops::ControlFlow::Continue(())
+        // Each prompt's tokens so far, and the first decoding error (which ends generation).
+        let mut so_far = vec![Vec::new(); chunk.len()];
+        let mut error = None;
+        let gens = model.generate_after(prefix.as_ref(), &batch, &generate, opts.record, hook, &mut |row, token| {
+            let Some(judge) = opts.until_refusal else { return ControlFlow::Continue(()) };
+            so_far[row].push(token);
+            match chat.decode(&so_far[row], Special::Skip) {
+                Ok(text) if judge.is_refusal(&text) => ControlFlow::Break(Stop::Prompt),
+                Ok(_) => ControlFlow::Continue(()),
+                Err(e) => {
+                    error = Some(e);
+                    ControlFlow::Break(Stop::All)
+                }
+            }
         })?;
+        if let Some(e) = error {
+            return Err(e.into());
+        }
         for g in gens {
             let text = chat.decode(&g.tokens, Special::Skip)?.trim().to_string();
             out.push(Completion {

@@ -100,3 +100,32 @@ fn find_and_edit_with_defaults_take_its_refusal_away() {
     assert!(harmless <= 0.05, "edited harmless_eval refusal rate {harmless}");
     assert!(kl.is_finite() && kl > 0.0, "KL {kl}");
 }
+
+/// Completions that end where the judge finds a refusal phrase (`CompleteOptions::until_refusal`, what
+/// verify and optimize use for harmful prompts) get every verdict the whole completions get, are
+/// prefixes of them, and skip tokens.
+#[test]
+fn cutting_completions_at_the_refusal_keeps_every_verdict() {
+    let dir = tiny();
+    let (model, chat) = (Model::open(&dir).unwrap(), Chat::load(&dir).unwrap());
+    let fmt = Formatter::new(&chat, System::TemplateDefault).unwrap();
+    let ids = fmt.all(&eval::prompts::embedded(Split::HarmfulEval).instructions()).unwrap();
+    let judge = Judge::default();
+    let whole = CompleteOptions { max_new_tokens: 64, batch_size: 50, ..Default::default() };
+    let cut = CompleteOptions { until_refusal: Some(&judge), ..whole };
+    let full = eval::complete(&model, &chat, &ids, &whole, &mut NoHook, &mut |_| {}).unwrap();
+    let short = eval::complete(&model, &chat, &ids, &cut, &mut NoHook, &mut |_| {}).unwrap();
+    let mut ended_early = 0;
+    for (k, (f, s)) in full.iter().zip(&short).enumerate() {
+        assert_eq!(judge.is_refusal(&s.text), judge.is_refusal(&f.text), "prompt {k}");
+        assert!(f.tokens.starts_with(&s.tokens), "prompt {k}: the cut completion is a prefix of the whole one");
+        if s.tokens.len() < f.tokens.len() {
+            assert_eq!(s.finish, model::Finish::Stopped, "prompt {k}");
+            ended_early += 1;
+        }
+    }
+    let (nf, ns) =
+        (full.iter().map(|c| c.tokens.len()).sum::<usize>(), short.iter().map(|c| c.tokens.len()).sum::<usize>());
+    eprintln!("{ended_early} of {} completions ended at their refusal: {ns} tokens instead of {nf}", ids.len());
+    assert!(ended_early >= ids.len() / 2, "this model refuses most of these prompts");
+}

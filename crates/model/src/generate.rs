@@ -42,8 +42,17 @@ pub enum Finish {
     Stop,
     /// It reached `max_new_tokens`.
     Length,
-    /// The caller's `on_token` asked to stop.
+    /// The caller's `on_token` asked to stop (this prompt, or every prompt).
     Stopped,
+}
+
+/// What `on_token` may ask for instead of the next token ([`std::ops::ControlFlow::Break`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// End this prompt's generation after the token (the caller has what it needs from it); the others go on.
+    Prompt,
+    /// End every prompt's generation after this step (e.g. the reader of a stream has gone).
+    All,
 }
 
 /// One prompt's continuation.
@@ -115,14 +124,15 @@ const HEAD_ROWS: usize = 512;
 impl Model {
     /// Greedy generation for every prompt of `batch` (argmax, the first id on ties, as `torch.argmax`).
     /// `on_token(prompt, token)` is called for each new token as soon as it is chosen, step by step;
-    /// returning `ControlFlow::Break` ends generation for every prompt after that token (e.g. when the
-    /// reader of a stream has gone), with [`Finish::Stopped`] for those still going.
+    /// returning `ControlFlow::Break(Stop::Prompt)` ends that prompt's generation after the token,
+    /// `Break(Stop::All)` every prompt's after this step (e.g. when the reader of a stream has gone), with
+    /// [`Finish::Stopped`] for those still going (a stop token still finishes as [`Finish::Stop`]).
     pub fn generate(
         &self,
         batch: &Batch,
         opts: &GenerateOptions,
         hook: &mut dyn Hook,
-        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
+        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<Stop>,
     ) -> Result<Vec<Generation>> {
         self.generate_after(None, batch, opts, Record::default(), hook, on_token)
     }
@@ -136,7 +146,7 @@ impl Model {
         opts: &GenerateOptions,
         record: Record,
         hook: &mut dyn Hook,
-        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
+        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<Stop>,
     ) -> Result<Vec<Generation>> {
         let arch = self.arch();
         if let Some(&t) = opts.stop_tokens.iter().find(|&&t| t as usize >= arch.vocab) {
@@ -190,9 +200,12 @@ impl Model {
             for &(row, tok, pos) in &active {
                 let g = &mut out[row];
                 g.tokens.push(tok);
-                stopped |= on_token(row, tok).is_break();
+                let asked = on_token(row, tok);
+                stopped |= asked == ControlFlow::Break(Stop::All);
                 if opts.stop_tokens.contains(&tok) {
                     g.finish = Finish::Stop;
+                } else if asked == ControlFlow::Break(Stop::Prompt) {
+                    g.finish = Finish::Stopped;
                 } else if g.tokens.len() < opts.max_new_tokens {
                     next.push((row, tok, pos));
                 }

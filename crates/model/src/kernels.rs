@@ -9,13 +9,14 @@
 use rayon::prelude::*;
 
 use crate::arch::{Activation, ScoreScale};
+use crate::panel_avx512;
 
 /// Rows per rayon task in element-wise loops: a generation step (one row per prompt) runs them on one
 /// thread, where splitting would cost more than it saves.
 const MIN_ROWS: usize = 64;
 
 /// Output columns per weight panel: one AVX-512 microkernel's rows (4 vectors of 16 f32).
-const PANEL: usize = 64;
+pub(crate) const PANEL: usize = 64;
 
 /// Values per register-resident accumulator block in attention (one AVX-512 vector).
 pub const LANES: usize = 16;
@@ -209,12 +210,13 @@ impl Panels {
         }
         let dst = SendPtr(y.as_mut_ptr());
         let dst = &dst;
+        let own = panel_avx512::available();
         match &self.store {
             Store::F32(data) => data.par_chunks(k * PANEL).enumerate().for_each(|(p, panel)| {
                 for c0 in (0..k).step_by(K_CHUNK) {
                     let kc = K_CHUNK.min(k - c0);
                     // SAFETY: see `panel_product`; the chunk has kc * PANEL values.
-                    unsafe { panel_product(x, m, k, n, p, c0, &panel[c0 * PANEL..(c0 + kc) * PANEL], dst) }
+                    unsafe { panel_product(own, x, m, k, n, p, c0, &panel[c0 * PANEL..(c0 + kc) * PANEL], dst) }
                 }
             }),
             Store::Bf16(data) | Store::F16(data) => {
@@ -233,7 +235,7 @@ impl Panels {
                                 src.reinterpret_cast::<half::f16>().convert_to_f32_slice(wide);
                             }
                             // SAFETY: see `panel_product`; `wide` has kc * PANEL values.
-                            unsafe { panel_product(x, m, k, n, p, c0, wide, dst) }
+                            unsafe { panel_product(own, x, m, k, n, p, c0, wide, dst) }
                         }
                     })
                 });
@@ -298,17 +300,35 @@ fn widen_bf16(src: &[u16], dst: &mut [f32]) {
 variants!(widen_bf16, widen_bf16_avx512, widen_bf16_avx2, (src: &[u16], dst: &mut [f32]));
 
 /// Adds `x[:, c0..c0+kc] · chunk` to columns `p*PANEL ..` of `y` (assigns it for the first chunk,
-/// `c0 == 0`): one single-threaded `gemm` call on rows `c0..c0+kc` of panel `p`.
+/// `c0 == 0`): [`panel_avx512::product`] when `own` (the caller checked the CPU runs it), else one
+/// single-threaded `gemm` call on rows `c0..c0+kc` of panel `p`.
 ///
 /// # Safety
 /// `chunk` holds `kc * PANEL` values with `c0 + kc <= k`; `x` holds `m * k` and `dst` points to `m * n`
 /// values (row stride `n`). Each panel index writes only its own columns, so tasks for different `p` may
 /// run at once; the chunks of one panel run in order.
 #[allow(clippy::too_many_arguments)]
-unsafe fn panel_product(x: &[f32], m: usize, k: usize, n: usize, p: usize, c0: usize, chunk: &[f32], dst: &SendPtr) {
+unsafe fn panel_product(
+    own: bool,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    p: usize,
+    c0: usize,
+    chunk: &[f32],
+    dst: &SendPtr,
+) {
     let width = PANEL.min(n - p * PANEL);
     let kc = chunk.len() / PANEL;
     debug_assert!(c0 + kc <= k && x.len() >= m * k);
+    #[cfg(target_arch = "x86_64")]
+    if own {
+        // SAFETY: as below; `own` means the CPU has AVX-512F.
+        unsafe { panel_avx512::product(x, m, k, c0, chunk, dst.0.add(p * PANEL), n, width) };
+        return;
+    }
+    let _ = own;
     // SAFETY: task `p` writes only columns p*PANEL .. p*PANEL+width of the m rows of `y` (row stride n),
     // disjoint from every other task and inside `y`; it reads columns c0..c0+kc of `x` (m×k, row stride
     // k) and its own chunk (kc×PANEL, row stride PANEL, first `width` columns).
@@ -708,6 +728,44 @@ mod tests {
             assert!(diff < 1e-4, "({m}, {k}, {n}): {diff}");
             assert_eq!(run(2), one, "({m}, {k}, {n}): 2 threads");
             assert_eq!(run(3), one, "({m}, {k}, {n}): 3 threads");
+        }
+    }
+
+    /// On AVX-512 every product is one chain of fused multiply-adds per output value over the inner
+    /// dimension in order (the same bits as `f32::mul_add` folded from 0), so a row gives the same bits
+    /// whatever rows it is computed with; also past one `K_CHUNK`, in a last panel narrower than
+    /// `PANEL`, and from bf16 panels.
+    #[test]
+    fn avx512_products_are_one_fused_chain_per_value_whatever_the_other_rows() {
+        if !panel_avx512::available() {
+            eprintln!("skipped: this CPU has no AVX-512F, so products run gemm (no such promise)");
+            return;
+        }
+        for (m, k, n) in [(1, 7, 3), (13, 300, 130), (64, 576, 64), (200, 96, 70), (7, K_CHUNK + 70, 65)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            // bf16-exact weights, so the bf16-held matrix holds the same values.
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729) % 255) as f32 / 128.0 - 1.0).collect();
+            let chain: Vec<f32> = (0..m * n)
+                .map(|o| {
+                    let (i, j) = (o / n, o % n);
+                    (0..k).fold(0f32, |acc, c| x[i * k + c].mul_add(w[j * k + c], acc))
+                })
+                .collect();
+            let p = Panels::from_rows(&w, n, k);
+            let mut all = vec![f32::NAN; m * n];
+            p.matmul(&x, m, &mut all);
+            assert_eq!(all, chain, "({m}, {k}, {n})");
+            for i in [0, m / 2, m - 1] {
+                let mut one = vec![f32::NAN; n];
+                p.matmul(&x[i * k..(i + 1) * k], 1, &mut one);
+                assert_eq!(one, chain[i * n..(i + 1) * n], "row {i} alone ({m}, {k}, {n})");
+            }
+            let bytes: Vec<u8> = w.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
+            let narrow =
+                Panels::pack(&[RowBlock { bytes: &bytes, dtype: checkpoint::Dtype::BF16, rows: n }], k, Held::Bf16);
+            let mut out = vec![f32::NAN; m * n];
+            narrow.matmul(&x, m, &mut out);
+            assert_eq!(out, chain, "bf16 ({m}, {k}, {n})");
         }
     }
 

@@ -10,7 +10,9 @@
 //!   the available memory). The token embedding stays in the memory map and is decoded row by row.
 //! - [`Batch`] holds prompts of different lengths *packed*, without padding: dense work (projections,
 //!   norms, MLPs) runs on the real tokens only, attention runs per prompt, and position ids count real
-//!   tokens, so a prompt's outputs do not depend on what it is batched with (up to matmul rounding).
+//!   tokens, so a prompt's outputs do not depend on what it is batched with: bit for bit where the CPU
+//!   has AVX-512 ([`batch_invariant`]: our own matmul kernel, one fused sum per value in a fixed order),
+//!   up to matmul rounding elsewhere (`gemm`'s sums depend on the number of rows).
 //! - [`Hook`]s see the residual stream at four [`Site`]s of every layer and may read or change it;
 //!   [`Interventions`] (directional ablation, activation addition, method.md §7) and [`Capture`] are the
 //!   ready-made ones. With no hook ([`NoHook`]) the cost is one `wants` call per site: nothing is copied.
@@ -53,6 +55,7 @@ mod generate;
 mod hooks;
 mod kernels;
 mod load;
+mod panel_avx512;
 mod prefix;
 mod rope;
 mod weights;
@@ -60,7 +63,7 @@ mod weights;
 pub use arch::{Activation, Arch, AttentionKind, MoeSpec, NormKind, ScoreScale};
 pub use batch::{Batch, Segment};
 pub use forward::{Forward, Logits, Model};
-pub use generate::{Finish, GenerateOptions, Generation, Record};
+pub use generate::{Finish, GenerateOptions, Generation, Record, Stop};
 pub use hooks::{Acts, At, Capture, Chain, Hook, Interventions, NoHook, Positions, Site};
 pub use kernels::log_softmax_at;
 pub use load::{LoadOptions, WORKING_MARGIN, WeightWidth, WeightsInfo, available_memory};
@@ -68,6 +71,13 @@ pub use prefix::Prefix;
 pub use rope::RopeSpec;
 
 use std::path::PathBuf;
+
+/// Whether every row's results are the same bits whatever it is batched with, and whether it is computed
+/// in a prompt pass, by teacher forcing or in a generation step: true where the CPU has AVX-512F (the
+/// runtime's own matmul kernel runs there; elsewhere `gemm`, whose rounding depends on the row count).
+pub fn batch_invariant() -> bool {
+    panel_avx512::available()
+}
 
 /// Everything that can go wrong loading or running a model. Messages name the tensor or field.
 #[derive(Debug, thiserror::Error)]

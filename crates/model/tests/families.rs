@@ -171,7 +171,7 @@ fn generation_stops_at_stop_tokens_and_when_asked() {
     let g = model
         .generate(&batch, &opts, &mut NoHook, &mut |_, _| {
             seen += 1;
-            if seen == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if seen == 2 { ControlFlow::Break(model::Stop::All) } else { ControlFlow::Continue(()) }
         })
         .unwrap();
     assert_eq!((g[0].tokens.clone(), g[0].finish), (want[..2].to_vec(), model::Finish::Stopped));
@@ -181,4 +181,27 @@ fn generation_stops_at_stop_tokens_and_when_asked() {
     let opts = GenerateOptions { max_new_tokens: 1, stop_tokens: vec![512] };
     let e = model.generate(&batch, &opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(())).unwrap_err();
     assert_eq!(e.to_string(), "stop token 512 is outside the vocabulary of 512 ids");
+}
+
+/// `Stop::Prompt` ends one prompt's generation after the token; the others go on with the tokens they
+/// would have had.
+#[test]
+fn one_prompt_can_be_stopped_while_the_others_go_on() {
+    use std::ops::ControlFlow;
+    let r = Reference::open(&testutil::fixtures().join("reference/llama.safetensors"));
+    let model = Model::open(&testutil::fixtures().join("models/llama/f32")).unwrap();
+    let (p0, p1) = (ids(r.i32("input_ids_0").1), ids(r.i32("input_ids_1").1));
+    let batch = Batch::new(&[p0, p1]).unwrap();
+    let opts = GenerateOptions { max_new_tokens: 8, stop_tokens: vec![] };
+    let all = model.generate(&batch, &opts, &mut NoHook, &mut |_, _| ControlFlow::Continue(())).unwrap();
+    let mut seen = [0; 2];
+    let cut = model
+        .generate(&batch, &opts, &mut NoHook, &mut |row, _| {
+            seen[row] += 1;
+            if row == 0 && seen[0] == 3 { ControlFlow::Break(model::Stop::Prompt) } else { ControlFlow::Continue(()) }
+        })
+        .unwrap();
+    assert_eq!((cut[0].tokens.clone(), cut[0].finish), (all[0].tokens[..3].to_vec(), model::Finish::Stopped));
+    assert_eq!((cut[1].tokens.clone(), cut[1].finish), (all[1].tokens.clone(), model::Finish::Length));
+    assert_eq!(seen, [3, 8]);
 }

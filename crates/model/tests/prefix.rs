@@ -112,6 +112,9 @@ fn generation_after_a_prefix_and_teacher_forcing_agree_with_whole_prompts() {
                 assert_eq!(w.tokens, g.tokens, "{family} {ablated}: prompt {k}");
                 assert!(w.first_logits.is_empty() && w.logprobs.is_empty(), "nothing recorded unless asked");
                 assert!(max_diff(&g.first_logits, last.row(k)) <= 1e-5, "{family} {ablated}: first logits {k}");
+                if model::batch_invariant() {
+                    assert_eq!(g.first_logits, last.row(k), "{family} {ablated}: first logits {k}, bit for bit");
+                }
                 // Independent: log-softmax in f64 of an all-position pass over the whole sequence.
                 let seq = [&prefix[..], &rests[k], &g.tokens[..g.tokens.len() - 1]].concat();
                 let all =
@@ -124,6 +127,10 @@ fn generation_after_a_prefix_and_teacher_forcing_agree_with_whole_prompts() {
                     let want = z[t as usize] as f64 - lse;
                     for (what, v) in [("generation", g.logprobs[i]), ("teacher forcing", forced[k][i])] {
                         assert!((v - want).abs() <= 1e-4, "{family} {ablated}: {what} token {i} of {k}: {v} vs {want}");
+                    }
+                    if model::batch_invariant() {
+                        // The same token's logits from a generation step and from teacher forcing.
+                        assert_eq!(g.logprobs[i], forced[k][i], "{family} {ablated}: token {i} of {k}");
                     }
                 }
             }

@@ -128,6 +128,8 @@ impl<'a> Evaluator<'a> {
         let copts = CompleteOptions {
             max_new_tokens: self.opts.max_new_tokens,
             batch_size: self.opts.batch_size.max(1),
+            // Only the verdicts count: a completion ends once it is a refusal (the same counts).
+            until_refusal: Some(&self.judge),
             ..CompleteOptions::default()
         };
         let done = eval::complete(self.model, self.chat, &self.harmful, &copts, &mut hooks, &mut |_| {})?;

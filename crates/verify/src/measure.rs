@@ -148,31 +148,47 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     // Greedy completions. Each run's first step is the prompts' last-position logits: the refusal scores
     // (both sets, both runs) and the first-token KL (harmless) come from them, and the original's
     // harmless completions keep the log-probability of every token (its cross-entropy on them).
-    let copts = |record: Record| CompleteOptions {
+    // Harmful completions, and harmless ones under activation addition, are judged for refusal only: each
+    // ends where the judge has decided it is a refusal (the same verdict; `eval::CompleteOptions`).
+    // The harmless ones are kept whole (the cross-entropy and over-refusal examples read them).
+    let copts = |record: Record, judged_only: bool| CompleteOptions {
         max_new_tokens: opts.max_new_tokens,
         batch_size: opts.batch_size.max(1),
         record,
+        until_refusal: judged_only.then_some(inputs.judge),
     };
     let first = Record { first_logits: true, logprobs: false };
-    let mut generate =
-        |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, record: Record, progress: &mut dyn Progress| {
-            let t = Instant::now();
-            progress.stage(name, set.ids.len());
-            let out = eval::complete(model, inputs.chat, &set.ids, &copts(record), hook, &mut |n| progress.advance(n))?;
-            seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
-            Ok::<_, Error>(out)
-        };
-    let mut g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, first, progress)?;
+    let mut generate = |name: &str,
+                        model: &Model,
+                        hook: &mut dyn Hook,
+                        set: &Set,
+                        (record, judged_only): (Record, bool),
+                        progress: &mut dyn Progress| {
+        let t = Instant::now();
+        progress.stage(name, set.ids.len());
+        let copts = copts(record, judged_only);
+        let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| progress.advance(n))?;
+        seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
+        Ok::<_, Error>(out)
+    };
+    let mut g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, (first, true), progress)?;
     let on_record = Record { first_logits: true, logprobs: opts.cross_entropy };
-    let mut g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, on_record, progress)?;
-    let mut g_sh =
-        generate(&format!("{label} harmful"), subject_model, subject_hook.as_mut(), &inputs.harmful, first, progress)?;
+    let mut g_on =
+        generate("original harmless", original, &mut NoHook, &inputs.harmless, (on_record, false), progress)?;
+    let mut g_sh = generate(
+        &format!("{label} harmful"),
+        subject_model,
+        subject_hook.as_mut(),
+        &inputs.harmful,
+        (first, true),
+        progress,
+    )?;
     let mut g_sn = generate(
         &format!("{label} harmless"),
         subject_model,
         subject_hook.as_mut(),
         &inputs.harmless,
-        first,
+        (first, false),
         progress,
     )?;
     let o_harmful: Vec<Vec<f32>> = g_oh.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
@@ -213,7 +229,14 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
             let mut add = Interventions::activation_addition(layers, layer, &d.values, opts.coeff)?;
             Some((
                 layer,
-                generate("induced harmless", original, &mut add, &inputs.harmless, Record::default(), progress)?,
+                generate(
+                    "induced harmless",
+                    original,
+                    &mut add,
+                    &inputs.harmless,
+                    (Record::default(), true),
+                    progress,
+                )?,
             ))
         }
         None => None,
@@ -323,6 +346,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         "stop": "the model's end-of-turn ids",
         "judge": {"source": inputs.judge.source, "phrases": inputs.judge.phrases(), "match": "substring, case-insensitive, typographic quotes made ASCII"},
         "second_judge": eval::judge::SECOND_JUDGE,
+        "refusals_cut": "harmful completions and those under activation addition end where the judge finds a refusal phrase (the same verdict; the rest is not generated); harmless ones run to end of turn or max_new_tokens",
         "refusal_tokens": refusal_tokens,
         "refusal_tokens_detected": detected,
         "refusal_tokens_not_detected": undetected,

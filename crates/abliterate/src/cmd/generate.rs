@@ -124,14 +124,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Ok(p) => p,
             Err(e) => {
                 write_error = Some(e.into());
-                return ControlFlow::Break(());
+                return ControlFlow::Break(model::Stop::All);
             }
         };
         match stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 write_error = Some(e.into());
-                ControlFlow::Break(())
+                ControlFlow::Break(model::Stop::All)
             }
         }
     })?;
