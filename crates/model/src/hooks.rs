@@ -93,6 +93,7 @@ impl Hook for Chain<'_> {
     }
 }
 
+#[derive(Clone)]
 enum Op {
     /// `x ← x − s (x·r̂) r̂`.
     Project { unit: Vec<f32>, scale: f32 },
@@ -107,6 +108,7 @@ enum Op {
 /// Edits of the residual stream: projections (directional ablation) and additions (activation
 /// addition), each at chosen layers and sites, with its own direction and scale. Several operations at
 /// one site run in the order they were added.
+#[derive(Clone)]
 pub struct Interventions {
     hidden: usize,
     ops: Vec<[Vec<Op>; 4]>,

@@ -14,6 +14,7 @@ pub mod loss;
 pub mod manifest;
 pub mod measure;
 pub mod report;
+mod streams;
 pub mod wilson;
 
 pub use equivalence::{Caveat, Claim, Equivalence, equivalence};

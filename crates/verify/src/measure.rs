@@ -23,6 +23,7 @@ use crate::equivalence::{Claim, equivalence};
 use crate::gate::{Gates, Measured};
 use crate::manifest::EditRecord;
 use crate::report::{Arm, Completion, Damage, DirectionInfo, EquivalenceReport, Induced, Report, SetReport, Source};
+use crate::streams::{self, Tick};
 use crate::{Error, Loss, Result, cross_entropy};
 
 /// How to verify.
@@ -136,18 +137,20 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         (Subject::Hooks, None) => return Err(Error::Input("a preview on hooks needs a direction".into())),
         _ => None,
     };
-    // The compared run: the edited model as it is, or the original under the hooks.
-    let (subject_model, mut subject_hook): (&Model, Box<dyn Hook>) = match (&inputs.subject, ablation) {
-        (Subject::Edited { model, .. }, _) => (model, Box::new(NoHook)),
-        (Subject::Hooks, Some(h)) => (original, Box::new(h)),
-        (Subject::Hooks, None) => unreachable!("checked above"),
+    // The compared run: the edited model as it is, or the original under the hooks (a fresh hook for each
+    // job, so that jobs can run at once).
+    let subject_model: &Model = match &inputs.subject {
+        Subject::Edited { model, .. } => model,
+        Subject::Hooks => original,
+    };
+    let subject_hook = || -> Box<dyn Hook> {
+        match &ablation {
+            Some(h) => Box::new(h.clone()),
+            None => Box::new(NoHook),
+        }
     };
     let label = subject_label(&inputs.subject);
-    let mut seconds = BTreeMap::new();
 
-    // Greedy completions. Each run's first step is the prompts' last-position logits: the refusal scores
-    // (both sets, both runs) and the first-token KL (harmless) come from them, and the original's
-    // harmless completions keep the log-probability of every token (its cross-entropy on them).
     // Harmful completions, and harmless ones under activation addition, are judged for refusal only: each
     // ends where the judge has decided it is a refusal (the same verdict; `eval::CompleteOptions`).
     // The harmless ones are kept whole (the cross-entropy and over-refusal examples read them).
@@ -158,39 +161,131 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         until_refusal: judged_only.then_some(inputs.judge),
     };
     let first = Record { first_logits: true, logprobs: false };
-    let mut generate = |name: &str,
-                        model: &Model,
-                        hook: &mut dyn Hook,
-                        set: &Set,
-                        (record, judged_only): (Record, bool),
-                        progress: &mut dyn Progress| {
-        let t = Instant::now();
-        progress.stage(name, set.ids.len());
-        let copts = copts(record, judged_only);
-        let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| progress.advance(n))?;
-        seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
-        Ok::<_, Error>(out)
-    };
-    let mut g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, (first, true), progress)?;
     let on_record = Record { first_logits: true, logprobs: opts.cross_entropy };
-    let mut g_on =
-        generate("original harmless", original, &mut NoHook, &inputs.harmless, (on_record, false), progress)?;
-    let mut g_sh = generate(
-        &format!("{label} harmful"),
-        subject_model,
-        subject_hook.as_mut(),
-        &inputs.harmful,
-        (first, true),
+    let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
+    let equivalence_input = match (&inputs.subject, &inputs.direction) {
+        (Subject::Edited { model, record, .. }, Some(d)) => Some((*model, record, d)),
+        _ => None,
+    };
+    let k_equivalence = opts.equivalence_prompts.max(1);
+    let n_equivalence = inputs.harmful.ids.len().min(k_equivalence) + inputs.harmless.ids.len().min(k_equivalence);
+
+    // Greedy completions. Each run's first step is the prompts' last-position logits: the refusal scores
+    // (both sets, both runs) and the first-token KL (harmless) come from them, and the original's
+    // harmless completions keep the log-probability of every token (its cross-entropy on them). The jobs
+    // run as two streams at once, each on half of the threads: the original's completions and the
+    // cross-entropy, and the compared run's completions and the equivalence check. A generation step
+    // is too small to keep two threads busy without waiting for each other; two independent streams
+    // are not, and every result is the same bits whatever the threads (the runtime's promise).
+    let total = 5 * inputs.harmless.ids.len().max(inputs.harmful.ids.len())
+        + usize::from(opts.cross_entropy) * inputs.harmless.ids.len()
+        + equivalence_input.map_or(0, |_| n_equivalence);
+    let (stream_a, stream_b) = streams::two(
         progress,
-    )?;
-    let mut g_sn = generate(
-        &format!("{label} harmless"),
-        subject_model,
-        subject_hook.as_mut(),
-        &inputs.harmless,
-        (first, false),
-        progress,
-    )?;
+        "completions, cross-entropy, equivalence",
+        total,
+        |tick: &Tick| {
+            let mut seconds = BTreeMap::new();
+            let mut generate =
+                |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, copts: CompleteOptions<'_>| {
+                    let t = Instant::now();
+                    let mut ticker = tick.counter();
+                    let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| ticker(n))?;
+                    seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
+                    Ok::<_, Error>(out)
+                };
+            let g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, copts(on_record, false))?;
+            let g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, copts(first, true))?;
+            let g_induced = match induce_at {
+                Some((d, layer)) => {
+                    let mut add = Interventions::activation_addition(layers, layer, &d.values, opts.coeff)?;
+                    let g = generate(
+                        "induced harmless",
+                        original,
+                        &mut add,
+                        &inputs.harmless,
+                        copts(Record::default(), true),
+                    )?;
+                    Some((layer, g))
+                }
+                None => None,
+            };
+            // Cross-entropy of both on the original's own harmless completions (without the end-of-turn token):
+            // the original's from the log-probabilities its greedy run chose them with (the same computation as
+            // teacher forcing, `tests/loss.rs`), the compared run's by teacher forcing.
+            let ce = if opts.cross_entropy {
+                let t = Instant::now();
+                let stops = inputs.chat.eos_ids();
+                let kept = |g: &eval::Completion| {
+                    g.tokens.len() - usize::from(g.tokens.last().is_some_and(|t| stops.contains(t)))
+                };
+                let a = Loss::from_logprobs(g_on.iter().map(|g| &g.logprobs[..kept(g)]))
+                    .ok_or_else(|| Error::Input("cross-entropy: every harmless completion is empty".into()))?;
+                let pairs: Vec<(Vec<u32>, Vec<u32>)> = inputs
+                    .harmless
+                    .ids
+                    .iter()
+                    .zip(&g_on)
+                    .map(|(p, g)| (p.clone(), g.tokens[..kept(g)].to_vec()))
+                    .collect();
+                let mut ticker = tick.counter();
+                let e =
+                    cross_entropy(subject_model, subject_hook().as_mut(), &pairs, opts.batch_size.max(1), &mut |n| {
+                        ticker(n)
+                    })?;
+                seconds.insert("cross-entropy".to_string(), t.elapsed().as_secs_f64());
+                Some((a, e))
+            } else {
+                None
+            };
+            Ok::<_, Error>((g_on, g_oh, g_induced, ce, seconds))
+        },
+        |tick: &Tick| {
+            let mut seconds = BTreeMap::new();
+            let mut generate = |name: &str, set: &Set, copts: CompleteOptions<'_>| {
+                let t = Instant::now();
+                let mut ticker = tick.counter();
+                let mut hook = subject_hook();
+                let out =
+                    eval::complete(subject_model, inputs.chat, &set.ids, &copts, hook.as_mut(), &mut |n| ticker(n))?;
+                seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
+                Ok::<_, Error>(out)
+            };
+            let g_sh = generate(&format!("{label} harmful"), &inputs.harmful, copts(first, true))?;
+            let g_sn = generate(&format!("{label} harmless"), &inputs.harmless, copts(first, false))?;
+            // Equivalence: only an edited checkpoint with its direction can be compared with its hooks.
+            let equivalence_report = match equivalence_input {
+                Some((model, record, d)) => {
+                    let t = Instant::now();
+                    let prompts: Vec<Vec<u32>> = inputs
+                        .harmful
+                        .ids
+                        .iter()
+                        .take(k_equivalence)
+                        .chain(inputs.harmless.ids.iter().take(k_equivalence))
+                        .cloned()
+                        .collect();
+                    let (claim, caveats) = match record {
+                        Some(r) => (r.claim.clone(), r.caveats.clone()),
+                        None => (Claim::full(layers), Vec::new()),
+                    };
+                    let mut hooks = claim.hooks(layers, &d.values)?;
+                    let b = opts.batch_size.clamp(1, 16);
+                    let mut ticker = tick.counter();
+                    let result =
+                        equivalence(original, model, &mut hooks, claim.scale == 1.0, &prompts, b, &mut |n| ticker(n))?;
+                    seconds.insert("equivalence".to_string(), t.elapsed().as_secs_f64());
+                    let caveat_notes = caveats.iter().map(|c| c.describe()).collect();
+                    Some(EquivalenceReport { claim, caveats, caveat_notes, result })
+                }
+                None => None,
+            };
+            Ok::<_, Error>((g_sh, g_sn, equivalence_report, seconds))
+        },
+    );
+    let (mut g_on, mut g_oh, g_induced, ce, seconds_a) = stream_a?;
+    let (mut g_sh, mut g_sn, equivalence_report, seconds_b) = stream_b?;
+    let mut seconds: BTreeMap<String, f64> = seconds_a.into_iter().chain(seconds_b).collect();
     let o_harmful: Vec<Vec<f32>> = g_oh.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
     let o_harmless: Vec<Vec<f32>> = g_on.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
     let s_harmful: Vec<Vec<f32>> = g_sh.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
@@ -223,25 +318,6 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let (sc_oh, sc_on, sc_sh, sc_sn) =
         (scores(&o_harmful), scores(&o_harmless), scores(&s_harmful), scores(&s_harmless));
     drop((o_harmful, o_harmless, s_harmful, s_harmless));
-    let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
-    let g_induced = match induce_at {
-        Some((d, layer)) => {
-            let mut add = Interventions::activation_addition(layers, layer, &d.values, opts.coeff)?;
-            Some((
-                layer,
-                generate(
-                    "induced harmless",
-                    original,
-                    &mut add,
-                    &inputs.harmless,
-                    (Record::default(), true),
-                    progress,
-                )?,
-            ))
-        }
-        None => None,
-    };
-
     let arm = |label: &str, set: &Set, harmful: bool, gens: &[eval::Completion], scores: Option<&[f64]>| -> Arm {
         let cs = set
             .prompts
@@ -282,51 +358,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         arm: arm(&format!("direction added at layer {layer}"), &inputs.harmless, false, &g, None),
     });
 
-    // Cross-entropy of both on the original's own harmless completions (without the end-of-turn token): the
-    // original's from the log-probabilities its greedy run chose them with (the same computation as teacher
-    // forcing, `tests/loss.rs`), the compared run's by teacher forcing.
-    let (ce_original, ce_edited) = if opts.cross_entropy {
-        let t = Instant::now();
-        let stops = inputs.chat.eos_ids();
-        let kept =
-            |g: &eval::Completion| g.tokens.len() - usize::from(g.tokens.last().is_some_and(|t| stops.contains(t)));
-        let a = Loss::from_logprobs(g_on.iter().map(|g| &g.logprobs[..kept(g)]))
-            .ok_or_else(|| Error::Input("cross-entropy: every harmless completion is empty".into()))?;
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
-            inputs.harmless.ids.iter().zip(&g_on).map(|(p, g)| (p.clone(), g.tokens[..kept(g)].to_vec())).collect();
-        progress.stage("cross-entropy", pairs.len());
-        let e = cross_entropy(subject_model, subject_hook.as_mut(), &pairs, opts.batch_size.max(1), &mut |n| {
-            progress.advance(n)
-        })?;
-        seconds.insert("cross-entropy".to_string(), t.elapsed().as_secs_f64());
-        (Some(a), Some(e))
-    } else {
-        (None, None)
-    };
-
-    // Equivalence: only an edited checkpoint with its direction can be compared with its hooks.
-    let equivalence_report = match (&inputs.subject, &inputs.direction) {
-        (Subject::Edited { model, record, .. }, Some(d)) => {
-            let t = Instant::now();
-            let k = opts.equivalence_prompts.max(1);
-            let prompts: Vec<Vec<u32>> =
-                inputs.harmful.ids.iter().take(k).chain(inputs.harmless.ids.iter().take(k)).cloned().collect();
-            let (claim, caveats) = match record {
-                Some(r) => (r.claim.clone(), r.caveats.clone()),
-                None => (Claim::full(layers), Vec::new()),
-            };
-            let mut hooks = claim.hooks(layers, &d.values)?;
-            progress.stage("equivalence", prompts.len());
-            let b = opts.batch_size.clamp(1, 16);
-            let result = equivalence(original, model, &mut hooks, claim.scale == 1.0, &prompts, b, &mut |n| {
-                progress.advance(n)
-            })?;
-            seconds.insert("equivalence".to_string(), t.elapsed().as_secs_f64());
-            let caveat_notes = caveats.iter().map(|c| c.describe()).collect();
-            Some(EquivalenceReport { claim, caveats, caveat_notes, result })
-        }
-        _ => None,
-    };
+    let (ce_original, ce_edited) = ce.map_or((None, None), |(a, e)| (Some(a), Some(e)));
 
     // KL where the original answered: what the edit changed where it was not meant to change anything.
     let answered: Vec<f64> =
