@@ -1,10 +1,11 @@
 //! Project tasks: `cargo xtask fixtures` regenerates the committed tiny checkpoints;
-//! `cargo xtask bench edit|find|forward|forward-8b|run` runs the benchmarks recorded in docs/benchmarks.md;
+//! `cargo xtask bench edit|find|forward|forward-8b|kernel|run` runs the benchmarks recorded in docs/benchmarks.md;
 //! `cargo xtask check-run OUT` checks the numbers of an `abliterate run` report (CI).
 
 mod bench_edit;
 mod bench_find;
 mod bench_forward;
+mod bench_kernel;
 mod bench_large;
 mod bench_run;
 mod check_run;
@@ -20,11 +21,12 @@ fn main() -> anyhow::Result<()> {
         ["bench", "find", rest @ ..] => bench_find::run(rest),
         ["bench", "forward", rest @ ..] => bench_forward::run(rest),
         ["bench", "forward-8b", rest @ ..] => bench_large::run(rest),
+        ["bench", "kernel", rest @ ..] => bench_kernel::run(rest),
         ["bench", "run", rest @ ..] => bench_run::run(rest),
         ["check-run", rest @ ..] => check_run::run(rest),
         ["distill", rest @ ..] => distill::run(rest),
         _ => anyhow::bail!(
-            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench find [...] | bench forward [...] | bench forward-8b [...] | bench run [...] | check-run OUT [...] | distill MODEL IN.json OUT.jsonl [...]"
+            "usage: cargo xtask fixtures [--check] | bench edit [...] | bench find [...] | bench forward [...] | bench forward-8b [...] | bench kernel | bench run [...] | check-run OUT [...] | distill MODEL IN.json OUT.jsonl [...]"
         ),
     }
 }

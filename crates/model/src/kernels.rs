@@ -357,6 +357,38 @@ unsafe fn panel_product(
     }
 }
 
+/// For `cargo xtask bench kernel`: the speed (GFLOP/s, one thread, best of 3 rounds of at least 0.2 s)
+/// of `[m, k] x [k, n]` on the same f32 panels by `gemm` and by the AVX-512 panel kernel (`None` where
+/// the CPU lacks AVX-512F).
+#[doc(hidden)]
+pub fn panel_kernel_speeds(m: usize, k: usize, n: usize) -> (f64, Option<f64>) {
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729) % 255) as f32 / 128.0 - 1.0).collect();
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let p = Panels::pack(&[RowBlock { bytes: &bytes, dtype: checkpoint::Dtype::F32, rows: n }], k, Held::F32);
+    let Store::F32(data) = &p.store else { unreachable!("packed as f32") };
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let mut y = vec![0f32; m * n];
+    let flop = 2.0 * (m * k * n) as f64;
+    let mut speed = |own: bool| {
+        let dst = SendPtr(y.as_mut_ptr());
+        let mut best = 0f64;
+        for _ in 0..3 {
+            let (start, mut reps) = (std::time::Instant::now(), 0u32);
+            while reps == 0 || start.elapsed().as_secs_f64() < 0.2 {
+                for (i, panel) in data.chunks(k * PANEL).enumerate() {
+                    // SAFETY: `panel_product`'s contract: one thread, whole panels, `x` and `y` sized above.
+                    unsafe { panel_product(own, &x, m, k, n, i, 0, panel, &dst) }
+                }
+                reps += 1;
+            }
+            best = best.max(flop * reps as f64 / start.elapsed().as_secs_f64() / 1e9);
+        }
+        best
+    };
+    let gemm = speed(false);
+    (gemm, panel_avx512::available().then(|| speed(true)))
+}
+
 /// The output pointer shared by the panel tasks (each writes its own columns).
 struct SendPtr(*mut f32);
 // SAFETY: see `Panels::matmul`: tasks write disjoint columns.

@@ -66,6 +66,8 @@ pub use forward::{Forward, Logits, Model};
 pub use generate::{Finish, GenerateOptions, Generation, Record, Stop};
 pub use hooks::{Acts, At, Capture, Chain, Hook, Interventions, NoHook, Positions, Site};
 pub use kernels::log_softmax_at;
+#[doc(hidden)]
+pub use kernels::panel_kernel_speeds;
 pub use load::{LoadOptions, WORKING_MARGIN, WeightWidth, WeightsInfo, available_memory};
 pub use prefix::Prefix;
 pub use rope::RopeSpec;
