@@ -10,6 +10,15 @@ use crate::{Error, Result};
 /// heretic's range of a kernel's peak weight (`max_weight`).
 pub const PEAK: (f64, f64) = (0.8, 1.5);
 
+/// heretic's ranges (1.4.0, `main.py`: "based on experiments with various models and much wider ranges"),
+/// as fractions of the last layer's index: the direction index, a kernel's peak position and its width.
+/// Refusal is read best a little past the middle of the stack and written by the later layers; with
+/// the whole stack as the range, a third of the uniform trials went to the first layers (docs/results.md,
+/// "Side by side with heretic and abliterix").
+pub const INDEX_FRACTION: (f64, f64) = (0.4, 0.9);
+pub const POSITION_FRACTION: (f64, f64) = (0.6, 1.0);
+pub const WIDTH_FRACTION: f64 = 0.6;
+
 /// The ranges of a model's search.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Space {
@@ -17,7 +26,8 @@ pub struct Space {
     pub layers: usize,
     /// `find`'s position (from the end of the prompt) whose candidates the direction index interpolates.
     pub position: i64,
-    /// The fractional direction index's range: the usable candidates' layers.
+    /// The fractional direction index's range: [`INDEX_FRACTION`] of the last layer, within the usable
+    /// candidates' layers.
     pub index: (f64, f64),
 }
 
@@ -58,7 +68,10 @@ impl Space {
                 layers.saturating_sub(1)
             )));
         }
-        Ok(Space { layers, position, index: (first_usable as f64, (layers - 1) as f64) })
+        let last = (layers - 1) as f64;
+        let lo = (INDEX_FRACTION.0 * last).max(first_usable as f64);
+        let hi = (INDEX_FRACTION.1 * last).max(lo);
+        Ok(Space { layers, position, index: (lo, hi) })
     }
 
     pub fn dims(&self) -> Vec<Dim> {
@@ -72,9 +85,15 @@ impl Space {
     }
 
     /// The width's range: [1, L − 1] (a single layer model: [0, 0]).
+    /// A kernel's peak position: [`POSITION_FRACTION`] of the last layer.
+    fn position_range(&self) -> (f64, f64) {
+        (POSITION_FRACTION.0 * self.last(), POSITION_FRACTION.1 * self.last())
+    }
+
+    /// A kernel's width (`min_weight_distance`): from 1 layer to [`WIDTH_FRACTION`] of the last layer.
     fn width(&self) -> (f64, f64) {
-        let hi = self.last();
-        (1f64.min(hi), hi)
+        let hi = WIDTH_FRACTION * self.last();
+        (1f64.min(hi), hi.max(1f64.min(hi)))
     }
 
     /// Maps a point of the unit cube (and the choice) to an edit.
@@ -82,7 +101,7 @@ impl Space {
         let at = |u: f64, (lo, hi): (f64, f64)| lo + u * (hi - lo);
         let tent = |u: &[f64]| {
             let peak = at(u[0], PEAK);
-            Tent { peak, position: at(u[1], (0.0, self.last())), min: u[2] * peak, width: at(u[3], self.width()) }
+            Tent { peak, position: at(u[1], self.position_range()), min: u[2] * peak, width: at(u[3], self.width()) }
         };
         Params { index: at(x[0], self.index), attn: tent(&x[1..5]), mlp: tent(&x[5..9]), norm_preserving: x[9] == 1.0 }
     }
@@ -94,7 +113,8 @@ impl Space {
             "position": self.position,
             "direction_index": [self.index.0, self.index.1],
             "peak": [PEAK.0, PEAK.1],
-            "kernel_position": [0.0, self.last()],
+            "kernel_position": [self.position_range().0, self.position_range().1],
+            "ranges": "heretic 1.4.0's: direction index 0.4-0.9, kernel peak position 0.6-1.0, width 1 to 0.6 of the last layer's index",
             "min": "min_fraction x peak, min_fraction in [0, 1]",
             "width": [self.width().0, self.width().1],
             "norm_preserving": [false, true],
@@ -133,17 +153,21 @@ mod tests {
 
     #[test]
     fn points_map_to_the_stated_ranges() {
-        let s = Space::new(5, -1, 1).unwrap();
+        // 11 layers: the last index is 10, so the direction index spans 4..9, a peak 6..10, a width 1..6.
+        let s = Space::new(11, -1, 1).unwrap();
         let p = s.params(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
-        assert_eq!(p.index, 1.0);
-        assert_eq!(p.attn, Tent { peak: 0.8, position: 0.0, min: 0.0, width: 1.0 });
-        assert_eq!(p.mlp, Tent { peak: 1.5, position: 4.0, min: 1.5, width: 4.0 });
+        assert_eq!(p.index, 4.0);
+        assert_eq!(p.attn, Tent { peak: 0.8, position: 6.0, min: 0.0, width: 1.0 });
+        assert_eq!(p.mlp, Tent { peak: 1.5, position: 10.0, min: 1.5, width: 6.0 });
         assert!(p.norm_preserving);
         let p = s.params(&[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0]);
-        assert_eq!((p.index, p.attn.position, p.attn.width, p.norm_preserving), (2.5, 2.0, 2.5, false));
+        assert_eq!((p.index, p.attn.position, p.attn.width, p.norm_preserving), (6.5, 8.0, 3.5, false));
         assert!((p.attn.min - 0.575).abs() < 1e-12);
-        let t = p.kernel_table(5);
-        assert_eq!(t["attn"][2], 1.15);
+        let t = p.kernel_table(11);
+        assert_eq!(t["attn"][8], 1.15);
+        // The index never goes below the first usable candidate.
+        assert_eq!(Space::new(11, -1, 7).unwrap().index, (7.0, 9.0));
+        assert_eq!(Space::new(11, -1, 10).unwrap().index, (10.0, 10.0));
         assert_eq!(
             Space::new(4, -1, 4).unwrap_err().to_string(),
             "no usable candidate at position -1: the direction index needs at least one nonzero candidate among \
