@@ -22,8 +22,8 @@ use serde_json::{Value, json};
 
 use crate::host;
 
-/// The tools compared, pinned (issue 15).
-const PINS: [&str; 2] = ["heretic-llm==1.4.0", "abliterix==1.12.2"];
+/// The tools compared, pinned (issue 15), with the torch and transformers they were measured with.
+const PINS: [&str; 4] = ["heretic-llm==1.4.0", "abliterix==1.12.2", "torch==2.15.0", "transformers==5.24.0"];
 /// Runs heretic or abliterix without a terminal and makes them choose a trial by optimize's rule.
 const DRIVER: &str = include_str!("compare_driver.py");
 /// The embedded prompt sets the tools share (`crates/eval/prompts/NAME.json`).
@@ -346,6 +346,8 @@ struct Row {
     embedded: Option<Value>,
     val: Option<Value>,
     step: Value,
+    /// The `seconds` of our commands' `--json` summaries (their verify is part of their wall time).
+    seconds: Value,
     note: String,
 }
 
@@ -381,7 +383,8 @@ fn table(cx: &Ctx) -> Result<String> {
                 Err(_) => "not run".to_string(),
             },
         };
-        rows.push(Row { name: name.to_string(), embedded, val, step, note });
+        let seconds = load(cx.dir.join(tool).join("stdout.json")).map_or(Value::Null, |s| s["seconds"].clone());
+        rows.push(Row { name: name.to_string(), embedded, val, step, seconds, note });
     }
     let mut t = String::new();
     writeln!(t, "Machine: {}. Load average at end: {}.\n", host::machine(), host::load())?;
@@ -389,7 +392,7 @@ fn table(cx: &Ctx) -> Result<String> {
         t,
         "| | harmful refusal, embedded `harmful_eval` (100) | harmful refusal, `splits/harmful_val.json` (39) | \
          harmless refusal, `harmless_eval` (100) | first-token KL (harmless mean) | CE on the original's answers | \
-         wall time | peak RSS | chosen trial (its own trial-set numbers) |"
+         wall time (without our verify) | peak RSS | chosen trial (its own trial-set numbers) |"
     )?;
     writeln!(t, "|---|---|---|---|---|---|---|---|---|")?;
     let original = rows.iter().find_map(|r| r.embedded.clone());
@@ -414,9 +417,9 @@ fn table(cx: &Ctx) -> Result<String> {
             cell(&|e| rate(&e["harmful"]["edited"]["refusal"])),
             r.val.as_ref().map_or("—".into(), |v| rate(&v["harmful"]["edited"]["refusal"])),
             cell(&|e| rate(&e["harmless"]["edited"]["refusal"])),
-            cell(&|e| num(&e["damage"]["kl"], 4)),
+            cell(&|e| format!("{} ({} answered)", num(&e["damage"]["kl"], 4), num(&e["damage"]["kl_answered"], 4))),
             cell(&|e| num(&e["damage"]["ce_edited"]["ce"], 3)),
-            r.step["wall_s"].as_f64().map_or("—".into(), |w| format!("{w:.0} s")),
+            wall(&r.step, &r.seconds),
             r.step["peak_rss_mb"].as_u64().map_or("—".into(), |m| format!("{m} MB")),
             r.note
         )?;
@@ -429,13 +432,23 @@ fn optimize_note(step: &Path) -> Result<String> {
     let s = read_json(&step.join("stdout.json"))?;
     let c = &s["chosen"];
     Ok(format!(
-        "trial {} of {}: {}/{} refusals, KL {}",
+        "trial {} (numbered from 0) of {}: {}/{} refusals, KL {}",
         c["trial"],
         s["trials"],
         c["refusals"],
         c["harmful_prompts"],
         num(&c["kl"], 4)
     ))
+}
+
+/// The step's wall time; for our commands also without the `verify` they end with (heretic and abliterix
+/// do not verify).
+fn wall(step: &Value, seconds: &Value) -> String {
+    match (step["wall_s"].as_f64(), seconds["verify"].as_f64()) {
+        (Some(w), Some(v)) => format!("{w:.0} s ({:.0} s)", w - v),
+        (Some(w), None) => format!("{w:.0} s"),
+        _ => "—".into(),
+    }
 }
 
 /// `k/n = rate [low, high]`.
