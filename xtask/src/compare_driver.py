@@ -107,7 +107,7 @@ def run_abliterix(out_dir, trials_json, max_kl):
 
     run_search = ac.run_search
     ac.run_search = lambda *a, **k: Chosen(run_search(*a, **k))
-    sys.argv += ["--non-interactive", "true", "--non-interactive-output-dir", out_dir]
+    sys.argv += ["--non-interactive", "--non-interactive-output-dir", out_dir]
     ac.main()
 
 
