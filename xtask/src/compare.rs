@@ -379,7 +379,10 @@ fn table(cx: &Ctx) -> Result<String> {
                         c.index, c.trials, c.refusals, c.kl
                     )
                 }
-                Err(_) if step["failed"] == json!(true) => format!("failed: see `{tool}/failed.txt`"),
+                Err(_) if step["failed"] == json!(true) => {
+                    let why = std::fs::read_to_string(cx.dir.join(tool).join("failed.txt")).unwrap_or_default();
+                    format!("failed: {} (`{tool}/failed.txt`)", why.lines().next().unwrap_or("no failed.txt"))
+                }
                 Err(_) => "not run".to_string(),
             },
         };
