@@ -129,7 +129,7 @@ impl<'a> Evaluator<'a> {
             max_new_tokens: self.opts.max_new_tokens,
             batch_size: self.opts.batch_size.max(1),
             // Only the verdicts count: a completion ends once it is a refusal (the same counts).
-            until_refusal: Some(&self.judge),
+            until_refusal: Some(self.judge),
             ..CompleteOptions::default()
         };
         let done = eval::complete(self.model, self.chat, &self.harmful, &copts, &mut hooks, &mut |_| {})?;
