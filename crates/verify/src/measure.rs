@@ -177,8 +177,11 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     // cross-entropy, and the compared run's completions and the equivalence check. A generation step
     // is too small to keep two threads busy without waiting for each other; two independent streams
     // are not, and every result is the same bits whatever the threads (the runtime's promise).
-    let total = 5 * inputs.harmless.ids.len().max(inputs.harmful.ids.len())
-        + usize::from(opts.cross_entropy) * inputs.harmless.ids.len()
+    let (n_harmful, n_harmless) = (inputs.harmful.ids.len(), inputs.harmless.ids.len());
+    let total = 2 * n_harmful
+        + 2 * n_harmless
+        + induce_at.map_or(0, |_| n_harmless)
+        + usize::from(opts.cross_entropy) * n_harmless
         + equivalence_input.map_or(0, |_| n_equivalence);
     let (stream_a, stream_b) = streams::two(
         progress,

@@ -56,10 +56,18 @@ pub fn two<A: Send, B: Send>(
             (join(ha), join(hb))
         }
         None => {
+            // One thread (or no pool could be built): the jobs in order, on a one-thread pool like the caller's.
+            let one = pool(1);
             let h = s.spawn(move || {
-                let ra = a(&ta);
-                drop(ta);
-                (ra, b(&tb))
+                let both = || {
+                    let ra = a(&ta);
+                    drop(ta);
+                    (ra, b(&tb))
+                };
+                match &one {
+                    Some(p) => p.install(both),
+                    None => both(),
+                }
             });
             relay(progress);
             join(h)
@@ -70,4 +78,54 @@ pub fn two<A: Send, B: Send>(
 /// A job's result; a panic in it goes on in this thread.
 fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
     h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what the display was told.
+    #[derive(Default)]
+    struct Seen(Vec<(String, usize)>, Vec<usize>);
+    impl Progress for Seen {
+        fn stage(&mut self, name: &str, total: usize) {
+            self.0.push((name.to_string(), total));
+        }
+        fn advance(&mut self, done: usize) {
+            self.1.push(done);
+        }
+    }
+
+    /// Both jobs run (on one thread or two), their results come back in order, and the display counts
+    /// every item of both, rising to the total.
+    #[test]
+    fn both_jobs_run_and_their_counts_add_up() {
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut seen = Seen::default();
+            let (a, b) = pool.install(|| {
+                two(
+                    &mut seen,
+                    "jobs",
+                    7,
+                    |t: &Tick| {
+                        let mut c = t.counter();
+                        (1..=3).for_each(&mut c);
+                        ("a", rayon::current_num_threads())
+                    },
+                    |t: &Tick| {
+                        let mut c = t.counter();
+                        [2, 4].into_iter().for_each(&mut c);
+                        ("b", rayon::current_num_threads())
+                    },
+                )
+            });
+            assert_eq!((a.0, b.0), ("a", "b"));
+            let halves = if threads >= 2 { (threads / 2, threads - threads / 2) } else { (1, 1) };
+            assert_eq!((a.1, b.1), halves, "{threads} threads");
+            assert_eq!(seen.0, vec![("jobs".to_string(), 7)]);
+            assert_eq!(seen.1.last(), Some(&7), "{threads} threads: {:?}", seen.1);
+            assert!(seen.1.windows(2).all(|w| w[0] <= w[1]));
+        }
+    }
 }
