@@ -229,13 +229,23 @@ fn python_tool(cx: &Ctx, tool: &str) -> Result<()> {
     }
 }
 
-/// A prompt set for a tool's config: the exported dataset, the first `n` prompts (all when `None`).
-fn dataset(cx: &Ctx, table: &str, set: &str, n: Option<usize>) -> String {
-    let split = n.map_or("train".to_string(), |n| format!("train[:{n}]"));
-    format!(
-        "[{table}]\ndataset = \"{}\"\nsplit = \"{split}\"\ncolumn = \"text\"\n",
-        cx.dir.join("prompts").join(set).display()
-    )
+/// The four prompt tables of a tool's config, given the tool's names for them (harmless and harmful for the
+/// directions, harmless and harmful for a trial): the exported datasets, a trial's the first
+/// `TRIAL_PROMPTS`.
+fn prompt_tables(cx: &Ctx, tables: [&str; 4]) -> String {
+    let sets = [
+        ("harmless_train", None),
+        ("harmful_train", None),
+        ("harmless_val", Some(TRIAL_PROMPTS)),
+        ("harmful_val", Some(TRIAL_PROMPTS)),
+    ];
+    let mut out = String::new();
+    for (table, (set, n)) in tables.into_iter().zip(sets) {
+        let split = n.map_or("train".to_string(), |n| format!("train[:{n}]"));
+        let dir = cx.dir.join("prompts").join(set);
+        out += &format!("\n[{table}]\ndataset = \"{}\"\nsplit = \"{split}\"\ncolumn = \"text\"\n", dir.display());
+    }
+    out
 }
 
 /// heretic's config: float32 on the CPU (bf16 matmuls are slow there; our tools compute in f32 too), batch
@@ -244,14 +254,11 @@ fn heretic_config(cx: &Ctx) -> String {
     format!(
         "model = \"{}\"\ndtypes = [\"float32\"]\ndevice_map = \"cpu\"\nbatch_size = 32\nmax_response_length = \
          {MAX_NEW_TOKENS}\nresponse_prefix = \"\"\nn_trials = {}\nn_startup_trials = {}\nseed = 0\nexport_strategy \
-         = \"merge\"\nsystem_prompt = \"{SMOLLM2_SYSTEM}\"\nstudy_checkpoint_dir = \"checkpoints\"\n\n{}\n{}\n{}\n{}",
+         = \"merge\"\nsystem_prompt = \"{SMOLLM2_SYSTEM}\"\nstudy_checkpoint_dir = \"checkpoints\"\n{}",
         cx.model.display(),
         cx.opts.trials,
         cx.opts.startup,
-        dataset(cx, "good_prompts", "harmless_train", None),
-        dataset(cx, "bad_prompts", "harmful_train", None),
-        dataset(cx, "good_evaluation_prompts", "harmless_val", Some(TRIAL_PROMPTS)),
-        dataset(cx, "bad_evaluation_prompts", "harmful_val", Some(TRIAL_PROMPTS)),
+        prompt_tables(cx, ["good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts"]),
     )
 }
 
@@ -261,14 +268,11 @@ fn abliterix_config(cx: &Ctx) -> String {
         "seed = 0\nsystem_prompt = \"{SMOLLM2_SYSTEM}\"\n\n[model]\nmodel_id = \"{}\"\ndtype_fallback_order = \
          [\"float32\"]\ndevice_map = \"cpu\"\n\n[inference]\nbatch_size = 32\nmax_gen_tokens = {MAX_NEW_TOKENS}\n\n\
          [optimization]\nnum_trials = {}\nnum_warmup_trials = {}\nsampler_seed = 0\ncheckpoint_dir = \
-         \"checkpoints\"\n\n{}\n{}\n{}\n{}",
+         \"checkpoints\"\n{}",
         cx.model.display(),
         cx.opts.trials,
         cx.opts.startup,
-        dataset(cx, "benign_prompts", "harmless_train", None),
-        dataset(cx, "target_prompts", "harmful_train", None),
-        dataset(cx, "benign_eval_prompts", "harmless_val", Some(TRIAL_PROMPTS)),
-        dataset(cx, "target_eval_prompts", "harmful_val", Some(TRIAL_PROMPTS)),
+        prompt_tables(cx, ["benign_prompts", "target_prompts", "benign_eval_prompts", "target_eval_prompts"]),
     )
 }
 

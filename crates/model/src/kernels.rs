@@ -328,7 +328,8 @@ unsafe fn panel_product(
         unsafe { panel_avx512::product(x, m, k, c0, chunk, dst.0.add(p * PANEL), n, width) };
         return;
     }
-    let _ = own;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = own; // only x86-64 has the AVX-512 kernel
     // SAFETY: task `p` writes only columns p*PANEL .. p*PANEL+width of the m rows of `y` (row stride n),
     // disjoint from every other task and inside `y`; it reads columns c0..c0+kc of `x` (m×k, row stride
     // k) and its own chunk (kc×PANEL, row stride PANEL, first `width` columns).

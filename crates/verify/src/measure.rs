@@ -183,20 +183,29 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         + induce_at.map_or(0, |_| n_harmless)
         + usize::from(opts.cross_entropy) * n_harmless
         + equivalence_input.map_or(0, |_| n_equivalence);
+    // One set's completions, timed under `generate NAME`, counted on the stream's progress.
+    let complete_timed = |tick: &Tick,
+                          seconds: &mut BTreeMap<String, f64>,
+                          name: &str,
+                          model: &Model,
+                          hook: &mut dyn Hook,
+                          set: &Set,
+                          copts: CompleteOptions<'_>| {
+        let t = Instant::now();
+        let mut ticker = tick.counter();
+        let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| ticker(n))?;
+        seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
+        Ok::<_, Error>(out)
+    };
     let (stream_a, stream_b) = streams::two(
         progress,
         "completions, cross-entropy, equivalence",
         total,
         |tick: &Tick| {
             let mut seconds = BTreeMap::new();
-            let mut generate =
-                |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, copts: CompleteOptions<'_>| {
-                    let t = Instant::now();
-                    let mut ticker = tick.counter();
-                    let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| ticker(n))?;
-                    seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
-                    Ok::<_, Error>(out)
-                };
+            let mut generate = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, copts| {
+                complete_timed(tick, &mut seconds, name, model, hook, set, copts)
+            };
             let g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, copts(on_record, false))?;
             let g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, copts(first, true))?;
             let g_induced = match induce_at {
@@ -245,14 +254,8 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         },
         |tick: &Tick| {
             let mut seconds = BTreeMap::new();
-            let mut generate = |name: &str, set: &Set, copts: CompleteOptions<'_>| {
-                let t = Instant::now();
-                let mut ticker = tick.counter();
-                let mut hook = subject_hook();
-                let out =
-                    eval::complete(subject_model, inputs.chat, &set.ids, &copts, hook.as_mut(), &mut |n| ticker(n))?;
-                seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
-                Ok::<_, Error>(out)
+            let mut generate = |name: &str, set: &Set, copts| {
+                complete_timed(tick, &mut seconds, name, subject_model, subject_hook().as_mut(), set, copts)
             };
             let g_sh = generate(&format!("{label} harmful"), &inputs.harmful, copts(first, true))?;
             let g_sn = generate(&format!("{label} harmless"), &inputs.harmless, copts(first, false))?;
