@@ -166,3 +166,75 @@ fn bad_options_are_refused_with_messages() {
     );
     assert!(!out.join("find").exists());
 }
+
+/// heretic's per-layer scope (seed 2's uniform trials choose one on the tiny model): the chosen file is a
+/// per-layer file whose block `l` is find's candidate of the residual `l + 1` (the last block the last
+/// candidate), and the edit it states by hand (`abliterate edit --direction --kernel-table`) is the model it
+/// wrote, byte for byte.
+#[test]
+fn a_chosen_per_layer_trial_is_written_as_a_per_layer_file_and_reproduced_by_edit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let o = out.display().to_string();
+    let r = abliterate([
+        "optimize",
+        tiny().to_str().unwrap(),
+        "-o",
+        &o,
+        "--trials",
+        "6",
+        "--startup",
+        "6",
+        "--prompts",
+        "8",
+        "--max-new-tokens",
+        "16",
+        "--seed",
+        "2",
+        "--max-kl",
+        "10",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["chosen"]["params"]["direction_scope"], "per_layer", "{}", v["chosen"]);
+    let scopes: Vec<Value> = trials(&out).iter().map(|t| t["params"]["direction_scope"].clone()).collect();
+    assert!(scopes.contains(&Value::from("global")), "{scopes:?}");
+
+    let hidden = 192;
+    let chosen = direction::Directions::open(&out.join("chosen/direction.safetensors"), hidden, 4, None).unwrap();
+    assert_eq!(chosen.layout, direction::Layout::PerLayer);
+    let c = direction::Candidates::load(&out.join("find/candidates.safetensors"), hidden).unwrap();
+    let position: i64 = direction::Direction::load(&out.join("find/direction.safetensors"), hidden)
+        .unwrap()
+        .meta("position")
+        .unwrap()
+        .parse()
+        .unwrap();
+    for (block, residual) in [(0, 1), (1, 2), (2, 3), (3, 3)] {
+        let unit = c.direction(direction::Candidate { position, layer: residual }).unwrap().unit();
+        let got = chosen.for_layer(Some(block)).as_slice();
+        assert!(got.iter().zip(&unit).all(|(a, b)| (a - b).abs() < 1e-12), "block {block}");
+    }
+    let card = std::fs::read_to_string(out.join("model/README.md")).unwrap();
+    assert!(card.contains("heretic's per-layer scope"), "{card}");
+
+    let by_hand = tmp.path().join("by-hand");
+    let mut args = vec![
+        "edit".to_string(),
+        tiny().display().to_string(),
+        "--direction".into(),
+        out.join("chosen/direction.safetensors").display().to_string(),
+        "--kernel-table".into(),
+        out.join("chosen/kernel.json").display().to_string(),
+        "-o".into(),
+        by_hand.display().to_string(),
+    ];
+    if v["chosen"]["params"]["norm_preserving"] == true {
+        args.push("--norm-preserving".into());
+    }
+    let r = abliterate(&args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(read(&by_hand) == read(&out.join("model")), "the stated edit is not the written model");
+}

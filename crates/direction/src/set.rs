@@ -182,6 +182,34 @@ impl Directions {
         }
     }
 
+    /// One direction per decoder layer, `rows` `[layers, d]` row-major (any norms; each is normalized), the
+    /// embedding taking layer 0's: what a per-layer file of one vector per layer holds, made in memory
+    /// (e.g. from [`crate::derive::per_layer`]). A zero or non-finite row is refused, naming its layer.
+    pub fn per_layer_rows(rows: &[f64], layers: usize) -> std::result::Result<Directions, String> {
+        if layers == 0 || rows.is_empty() || !rows.len().is_multiple_of(layers) {
+            return Err(format!("{} values are not [{layers}, d] per-layer directions", rows.len()));
+        }
+        let d = rows.len() / layers;
+        let bases = rows
+            .chunks_exact(d)
+            .enumerate()
+            .map(|(l, r)| match norm(r) {
+                n if n == 0.0 => Err(format!("layer {l}: the direction is zero")),
+                _ => subspace(r, 1, d, &format!("layer {l}")).map(Arc::new),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Directions {
+            layout: Layout::PerLayer,
+            embedding: bases[0].clone(),
+            layers: bases,
+            single: None,
+            dtype: Dtype::F64,
+            metadata: Map::new(),
+            sha256: String::new(),
+            path: PathBuf::new(),
+        })
+    }
+
     /// Reads any direction-like file for a model with `layers` decoder layers of width `hidden`: a
     /// direction file, a subspace file, a per-layer file, or (with `candidate`) a candidates file.
     pub fn open(path: &Path, hidden: usize, layers: usize, candidate: Option<Candidate>) -> Result<Directions> {

@@ -171,3 +171,26 @@ fn reads_the_reference_candidates_layout() {
         )
     );
 }
+
+#[test]
+fn per_layer_rows_equal_the_per_layer_file_they_would_be_written_as() {
+    // Two layers of width 3: layer 0 along (3, 0, 4), layer 1 along the second axis.
+    let rows = [3.0, 0.0, 4.0, 0.0, 2.0, 0.0];
+    let d = Directions::per_layer_rows(&rows, 2).unwrap();
+    assert_eq!((d.layout, d.layers(), d.k()), (Layout::PerLayer, 2, 1));
+    assert_eq!(d.for_layer(Some(0)).as_slice(), &[0.6, 0.0, 0.8]);
+    assert_eq!(d.for_layer(Some(1)).as_slice(), &[0.0, 1.0, 0.0]);
+    assert_eq!(d.for_layer(None).as_slice(), &[0.6, 0.0, 0.8], "the embedding takes layer 0's");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("per_layer.safetensors");
+    set::write_per_layer(&p, &rows, 2, 1, None, Dtype::F64, &Map::new()).unwrap();
+    let f = Directions::open(&p, 3, 2, None).unwrap();
+    for l in [None, Some(0), Some(1)] {
+        assert_eq!(f.for_layer(l).as_slice(), d.for_layer(l).as_slice());
+    }
+    assert_eq!(Directions::per_layer_rows(&[1.0, 0.0, 0.0, 0.0], 2).unwrap_err(), "layer 1: the direction is zero");
+    assert_eq!(
+        Directions::per_layer_rows(&[1.0, 0.0, 0.0], 2).unwrap_err(),
+        "3 values are not [2, d] per-layer directions"
+    );
+}

@@ -47,6 +47,8 @@ pub struct Evaluator<'a> {
     chat: &'a Chat,
     candidates: &'a Candidates,
     position: i64,
+    /// Each layer's own candidate (heretic's per-layer scope), made once.
+    per_layer: Directions,
     harmful: Vec<Vec<u32>>,
     harmless: Prompts,
     base: Vec<KlBase>,
@@ -77,7 +79,8 @@ impl<'a> Evaluator<'a> {
             base.push(KlBase::new(z));
             Ok(())
         })?;
-        Ok(Evaluator { model, chat, candidates, position, harmful, harmless, base, judge, opts })
+        let per_layer = per_layer_directions(candidates, position)?;
+        Ok(Evaluator { model, chat, candidates, position, per_layer, harmful, harmless, base, judge, opts })
     }
 
     pub fn harmful_len(&self) -> usize {
@@ -89,10 +92,12 @@ impl<'a> Evaluator<'a> {
         direction::derive::interpolate(self.candidates, self.position, index).map_err(Error::Space)
     }
 
-    /// The hooks that equal the trial's edit (up to the norm-preserving caveat in the module docs).
-    pub fn hooks(&self, p: &Params) -> Result<Interventions> {
-        let ckpt = self.model.checkpoint();
-        let layers = ckpt.config.num_hidden_layers;
+    /// The trial's directions: each layer's own candidate (per-layer scope), or the interpolated
+    /// direction for every writer.
+    pub fn directions(&self, p: &Params) -> Result<Directions> {
+        if p.per_layer {
+            return Ok(self.per_layer.clone());
+        }
         let d = Direction {
             values: self.direction(p.index)?,
             dtype: checkpoint::Dtype::F64,
@@ -100,9 +105,16 @@ impl<'a> Evaluator<'a> {
             sha256: String::new(),
             path: Default::default(),
         };
+        Ok(Directions::single(d, self.model.arch().layers))
+    }
+
+    /// The hooks that equal the trial's edit (up to the norm-preserving caveat in the module docs).
+    pub fn hooks(&self, p: &Params) -> Result<Interventions> {
+        let ckpt = self.model.checkpoint();
+        let layers = ckpt.config.num_hidden_layers;
         let opts = edit::Options { norm_preserving: p.norm_preserving, kernel: p.kernel(), ..edit::Options::default() };
         let plan = edit::plan(ckpt, &opts)?;
-        let bases = plan.bases(ckpt, &Directions::single(d, layers))?;
+        let bases = plan.bases(ckpt, &self.directions(p)?)?;
         let mut hooks = Interventions::new(layers, self.model.arch().hidden);
         for w in plan.write_ops(&bases) {
             let (layer, site) = match (w.layer, w.site) {
@@ -141,6 +153,13 @@ impl<'a> Evaluator<'a> {
     }
 }
 
+/// heretic's per-layer scope: block `l` takes the candidate of the residual it writes into
+/// (`direction::derive::per_layer`), the embedding block 0's.
+fn per_layer_directions(c: &Candidates, position: i64) -> Result<Directions> {
+    let (rows, _) = direction::derive::per_layer(c, position).map_err(Error::Space)?;
+    Directions::per_layer_rows(&rows, c.layers()).map_err(|e| Error::Space(format!("per-layer directions: {e}")))
+}
+
 /// The first layer from which every candidate at `position` is a usable direction (nonzero, finite norm).
 pub fn first_usable(c: &Candidates, position: i64) -> usize {
     (0..c.layers())
@@ -148,4 +167,43 @@ pub fn first_usable(c: &Candidates, position: i64) -> usize {
         .take_while(|&l| c.direction(direction::Candidate { position, layer: l }).is_ok())
         .last()
         .unwrap_or(c.layers())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_layer_scope_gives_each_block_the_residual_it_writes_into() {
+        // Three layers of width 2 at positions -2 and -1; the residual entering layer l at position -1 is
+        // (l, 1) (layer 0: (0, 1) too, nonzero), at position -2 something else.
+        let (layers, d) = (3, 2);
+        let mut values = Vec::new();
+        for p in 0..2 {
+            for l in 0..layers {
+                values.extend(if p == 1 { [l as f64, 1.0] } else { [1.0, -(l as f64)] });
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("candidates.safetensors");
+        Candidates::write(&path, &values, &[-2, -1], layers, checkpoint::Dtype::F64, &Default::default()).unwrap();
+        let c = Candidates::load(&path, d).unwrap();
+        let s = per_layer_directions(&c, -1).unwrap();
+        let unit = |x: f64, y: f64| {
+            let n = (x * x + y * y).sqrt();
+            vec![x / n, y / n]
+        };
+        // Block 0 writes into residual 1, block 1 into 2, the last block (whose output has no candidate) takes
+        // the last residual's; the embedding takes block 0's.
+        assert_eq!(s.for_layer(Some(0)).as_slice(), unit(1.0, 1.0));
+        assert_eq!(s.for_layer(Some(1)).as_slice(), unit(2.0, 1.0));
+        assert_eq!(s.for_layer(Some(2)).as_slice(), unit(2.0, 1.0));
+        assert_eq!(s.for_layer(None).as_slice(), unit(1.0, 1.0));
+        // A zero candidate is refused, naming it.
+        let mut zero = values.clone();
+        zero[(layers + 2) * d..(layers + 3) * d].fill(0.0);
+        Candidates::write(&path, &zero, &[-2, -1], layers, checkpoint::Dtype::F64, &Default::default()).unwrap();
+        let e = per_layer_directions(&Candidates::load(&path, d).unwrap(), -1).unwrap_err().to_string();
+        assert!(e.contains("block 1 (candidate"), "{e}");
+    }
 }

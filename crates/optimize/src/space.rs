@@ -40,10 +40,14 @@ pub struct Params {
     pub attn: Tent,
     pub mlp: Tent,
     pub norm_preserving: bool,
+    /// heretic's `direction_scope = "per layer"`: each decoder block's writers are orthogonalized against
+    /// its own layer's candidate (block `l` ← the residual it writes into, `direction::derive::per_layer`),
+    /// and `index` is unused.
+    pub per_layer: bool,
 }
 
-/// The ten parameters, in point order.
-pub const NAMES: [&str; 10] = [
+/// The eleven parameters, in point order.
+pub const NAMES: [&str; 11] = [
     "direction_index",
     "attn.peak",
     "attn.position",
@@ -54,6 +58,7 @@ pub const NAMES: [&str; 10] = [
     "mlp.min_fraction",
     "mlp.width",
     "norm_preserving",
+    "direction_scope",
 ];
 
 impl Space {
@@ -76,7 +81,7 @@ impl Space {
 
     pub fn dims(&self) -> Vec<Dim> {
         let mut d = vec![Dim::Unit; 9];
-        d.push(Dim::Choice(2));
+        d.extend([Dim::Choice(2), Dim::Choice(2)]);
         d
     }
 
@@ -103,7 +108,13 @@ impl Space {
             let peak = at(u[0], PEAK);
             Tent { peak, position: at(u[1], self.position_range()), min: u[2] * peak, width: at(u[3], self.width()) }
         };
-        Params { index: at(x[0], self.index), attn: tent(&x[1..5]), mlp: tent(&x[5..9]), norm_preserving: x[9] == 1.0 }
+        Params {
+            index: at(x[0], self.index),
+            attn: tent(&x[1..5]),
+            mlp: tent(&x[5..9]),
+            norm_preserving: x[9] == 1.0,
+            per_layer: x[10] == 1.0,
+        }
     }
 
     /// As recorded in `settings.json`: a resumed search must have the same space.
@@ -118,6 +129,7 @@ impl Space {
             "min": "min_fraction x peak, min_fraction in [0, 1]",
             "width": [self.width().0, self.width().1],
             "norm_preserving": [false, true],
+            "direction_scope": ["global", "per_layer"],
             "parameters": NAMES,
         })
     }
@@ -143,6 +155,7 @@ impl Params {
             "attn": self.attn.to_string(),
             "mlp": self.mlp.to_string(),
             "norm_preserving": self.norm_preserving,
+            "direction_scope": if self.per_layer { "per_layer" } else { "global" },
         })
     }
 }
@@ -155,13 +168,16 @@ mod tests {
     fn points_map_to_the_stated_ranges() {
         // 11 layers: the last index is 10, so the direction index spans 4..9, a peak 6..10, a width 1..6.
         let s = Space::new(11, -1, 1).unwrap();
-        let p = s.params(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        let p = s.params(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
         assert_eq!(p.index, 4.0);
         assert_eq!(p.attn, Tent { peak: 0.8, position: 6.0, min: 0.0, width: 1.0 });
         assert_eq!(p.mlp, Tent { peak: 1.5, position: 10.0, min: 1.5, width: 6.0 });
-        assert!(p.norm_preserving);
-        let p = s.params(&[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0]);
+        assert!(p.norm_preserving && p.per_layer);
+        assert_eq!(p.to_json()["direction_scope"], "per_layer");
+        let p = s.params(&[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0]);
         assert_eq!((p.index, p.attn.position, p.attn.width, p.norm_preserving), (6.5, 8.0, 3.5, false));
+        assert!(!p.per_layer);
+        assert_eq!(s.dims().len(), NAMES.len());
         assert!((p.attn.min - 0.575).abs() < 1e-12);
         let t = p.kernel_table(11);
         assert_eq!(t["attn"][8], 1.15);

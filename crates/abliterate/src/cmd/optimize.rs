@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use chat::Chat;
-use direction::{Candidates, Direction};
+use direction::{Candidates, Direction, Directions};
 use eval::{Formatter, Judge, Split};
 use find::{Sampling, SelectOptions};
 use optimize::store::{self, Trial};
@@ -249,16 +249,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
     std::fs::create_dir_all(&chosen_dir).with_context(|| format!("creating `{}`", chosen_dir.display()))?;
     let cfile = chosen_dir.join("direction.safetensors");
     let kfile = chosen_dir.join("kernel.json");
+    let p = &trial.params;
     let mut md = serde_json::Map::new();
+    let source = if p.per_layer {
+        format!(
+            "abliterate optimize: trial {}, per-layer directions: block l takes find's candidate of the residual it \
+             writes into at position {position} (heretic's per-layer scope, docs/variants.md)",
+            trial.number
+        )
+    } else {
+        format!(
+            "abliterate optimize: trial {}, direction index {} between find's candidates at position {position} \
+             (heretic's interpolation, docs/variants.md)",
+            trial.number, p.index
+        )
+    };
     for (k, v) in [
-        (
-            "source",
-            format!(
-                "abliterate optimize: trial {}, direction index {} between find's candidates at position {position} (heretic's interpolation, docs/variants.md)",
-                trial.number, trial.params.index
-            ),
-        ),
-        ("direction_index", trial.params.index.to_string()),
+        ("source", source),
+        ("direction_scope", p.to_json()["direction_scope"].as_str().unwrap_or_default().to_string()),
+        ("direction_index", p.index.to_string()),
         ("position", position.to_string()),
         ("trial", trial.number.to_string()),
         ("candidates_sha256", candidates.sha256.clone()),
@@ -267,20 +276,29 @@ pub fn run(args: Args) -> Result<ExitCode> {
     ] {
         md.insert(k.into(), Value::String(v));
     }
-    direction::write(&cfile, &ev.direction(trial.params.index)?, checkpoint::Dtype::F64, &md)
-        .with_context(|| format!("writing `{}`", cfile.display()))?;
-    let table = serde_json::to_string_pretty(&trial.params.kernel_table(layers))? + "\n";
+    if p.per_layer {
+        let (rows, _) = direction::derive::per_layer(&candidates, position).map_err(anyhow::Error::msg)?;
+        direction::set::write_per_layer(&cfile, &rows, layers, 1, None, checkpoint::Dtype::F64, &md)
+    } else {
+        direction::write(&cfile, &ev.direction(p.index)?, checkpoint::Dtype::F64, &md)
+    }
+    .with_context(|| format!("writing `{}`", cfile.display()))?;
+    let table = serde_json::to_string_pretty(&p.kernel_table(layers))? + "\n";
     store::write_atomic(&kfile, table.as_bytes())?;
-    let direction = Direction::load(&cfile, hidden)?;
+    let directions = Directions::open(&cfile, hidden, layers, None)?;
     let kernel = edit::LayerKernel::from_table(&kfile, layers)?;
     let ckpt = model.checkpoint();
-    let plan = edit::plan(
-        ckpt,
-        &edit::Options { norm_preserving: trial.params.norm_preserving, kernel, ..edit::Options::default() },
-    )?;
+    let plan =
+        edit::plan(ckpt, &edit::Options { norm_preserving: p.norm_preserving, kernel, ..edit::Options::default() })?;
     let model_dir = out.join("model");
-    let edited_report =
-        edit::write(ckpt, &plan, &direction, &model_dir, &edit::WriteOptions { force: true }, &edit::NoProgress)?;
+    let edited_report = edit::write_directions(
+        ckpt,
+        &plan,
+        &directions,
+        &model_dir,
+        &edit::WriteOptions { force: true },
+        &edit::NoProgress,
+    )?;
     let edit_seconds = t.elapsed().as_secs_f64();
 
     // verify the chosen edit.
@@ -295,10 +313,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             path: model_dir.display().to_string(),
             record: EditRecord::read(&model_dir)?.map(Box::new),
         },
-        direction: Some(measure::Direction {
-            values: direction.values.clone(),
+        // One direction for the equivalence check; per-layer directions have none to give it.
+        direction: directions.single.as_ref().map(|d| measure::Direction {
+            values: d.values.clone(),
             layer: None,
-            info: verify_cmd::direction_info(&direction, None),
+            info: verify_cmd::direction_info(d, None),
         }),
         harmful: verify_cmd::eval_set(args.eval_harmful.as_deref(), Split::HarmfulEval, &formatter)?,
         harmless: verify_cmd::eval_set(args.eval_harmless.as_deref(), Split::HarmlessEval, &formatter)?,
@@ -323,7 +342,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
     verify_cmd::write_report(&verify_dir, &report)?;
     let verify_seconds = t.elapsed().as_secs_f64();
 
-    let p = &trial.params;
+    let direction_row = if p.per_layer {
+        format!(
+            "each decoder block's own: block l takes find's candidate of the residual it writes into (l + 1; the last \
+             block the last candidate, the embedding block 0's) at position {position}, heretic's per-layer scope \
+             (`../chosen/direction.safetensors`, per-layer file, sha256 `{}`)",
+            directions.sha256
+        )
+    } else {
+        format!(
+            "`normalize((1 − t) r̂_a + t r̂_b)` of find's candidates at position {position}, index {} \
+             (`../chosen/direction.safetensors`, sha256 `{}`)",
+            p.index, directions.sha256
+        )
+    };
     let extra = format!(
         "## How it was chosen (`abliterate optimize`)\n\nA multi-objective TPE search of {} trials (seed {}, {} uniform) \
          over the direction and the edit, each trial measured with hooks on the original model: harmful refusals of \
@@ -331,7 +363,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
          on the first {} prompts of `{}`. Chosen by the rule \"fewest refusals with KL <= {}, then the smallest KL\": \
          **trial {}** ({}/{} refusals, KL {:.4} in the search). The front and every trial: `../report.md`, \
          `../trials.jsonl`.\n\n| parameter | value |\n|---|---|\n\
-         | direction | `normalize((1 − t) r̂_a + t r̂_b)` of find's candidates at position {position}, index {} (`../chosen/direction.safetensors`, sha256 `{}`) |\n\
+         | direction | {direction_row} |\n\
          | attention-output kernel (peak,position,min,width) | {} |\n\
          | MLP-down kernel (peak,position,min,width) | {} |\n\
          | embedding weight | 1 |\n\
@@ -352,8 +384,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         trial.refusals,
         trial.n_harmful,
         trial.kl,
-        p.index,
-        direction.sha256,
         p.attn,
         p.mlp,
         if p.norm_preserving { "yes" } else { "no" },
@@ -367,15 +397,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         model: &args.model,
         model_sha256: &meta.model_sha256,
         made_by: "abliterate optimize",
-        direction: format!(
-            "heretic's fractional direction index {} between `find`'s candidates (harmful minus harmless mean \
-             residuals) at position {position}: the normalised interpolation of the unit candidates entering layers \
-             {} and {}; file `../chosen/direction.safetensors` (sha256 `{}`).",
-            p.index,
-            p.index.floor(),
-            p.index.floor() + 1.0,
-            direction.sha256
-        ),
+        direction: if p.per_layer {
+            format!(
+                "heretic's per-layer scope: each decoder block's writers are orthogonalized against `find`'s candidate \
+                 (harmful minus harmless mean residual) of the residual the block writes into, at position {position}; \
+                 file `../chosen/direction.safetensors` (per-layer, sha256 `{}`).",
+                directions.sha256
+            )
+        } else {
+            format!(
+                "heretic's fractional direction index {} between `find`'s candidates (harmful minus harmless mean \
+                 residuals) at position {position}: the normalised interpolation of the unit candidates entering \
+                 layers {} and {}; file `../chosen/direction.safetensors` (sha256 `{}`).",
+                p.index,
+                p.index.floor(),
+                p.index.floor() + 1.0,
+                directions.sha256
+            )
+        },
         extra,
         manifest: &edited_report.manifest,
         report: &report,
