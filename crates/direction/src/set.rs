@@ -193,9 +193,11 @@ impl Directions {
         let bases = rows
             .chunks_exact(d)
             .enumerate()
-            .map(|(l, r)| match norm(r) {
-                n if n == 0.0 => Err(format!("layer {l}: the direction is zero")),
-                _ => subspace(r, 1, d, &format!("layer {l}")).map(Arc::new),
+            .map(|(l, r)| {
+                if norm(r) == 0.0 {
+                    return Err(format!("layer {l}: the direction is zero"));
+                }
+                subspace(r, 1, d, &format!("layer {l}")).map(Arc::new)
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(Directions {
