@@ -25,11 +25,22 @@ pub struct CompleteOptions<'a> {
     /// a substring judge's phrase stays in the text as it grows, so the verdict is the one the whole
     /// completion would get, and the tokens after it are not computed. For sets judged by refusal only.
     pub until_refusal: Option<&'a Judge>,
+    /// With `until_refusal`: once this many completions are refusals, every completion still going ends
+    /// ([`Finish::Stopped`]) and the prompts of later batches are not run (no [`Completion`] for them), so
+    /// the caller sees at least this many refusals and knows the rest was not computed. For a search that
+    /// only needs to know that a count reached a bound (`optimize`'s pruning).
+    pub stop_at_refusals: Option<usize>,
 }
 
 impl Default for CompleteOptions<'_> {
     fn default() -> Self {
-        CompleteOptions { max_new_tokens: 64, batch_size: 32, record: Record::default(), until_refusal: None }
+        CompleteOptions {
+            max_new_tokens: 64,
+            batch_size: 32,
+            record: Record::default(),
+            until_refusal: None,
+            stop_at_refusals: None,
+        }
     }
 }
 
@@ -58,7 +69,8 @@ pub fn first_words(text: &str, n: usize) -> String {
 }
 
 /// Greedy completions of `prompts` (token ids), in order, stopping at the model's end-of-turn ids;
-/// `done(n)` is called after each batch with the number of prompts completed so far.
+/// `done(n)` is called after each batch with the number of prompts completed so far. Fewer completions
+/// than prompts only when [`CompleteOptions::stop_at_refusals`] was reached.
 pub fn complete(
     model: &Model,
     chat: &Chat,
@@ -71,7 +83,11 @@ pub fn complete(
     let shared = crate::run::shared_prefix(prompts, 1);
     let prefix = if shared == 0 { None } else { Some(model.prefix(&prompts[0][..shared], hook)?) };
     let mut out = Vec::with_capacity(prompts.len());
+    let mut refusals = 0;
     for chunk in prompts.chunks(opts.batch_size.max(1)) {
+        if opts.until_refusal.is_some() && opts.stop_at_refusals.is_some_and(|n| refusals >= n) {
+            break;
+        }
         let rests: Vec<&[u32]> = chunk.iter().map(|p| &p[shared..]).collect();
         let batch = Batch::new(&rests)?;
         // Each prompt's tokens so far, and the first decoding error (which ends generation).
@@ -81,7 +97,13 @@ pub fn complete(
             let Some(judge) = opts.until_refusal else { return ControlFlow::Continue(()) };
             so_far[row].push(token);
             match chat.decode(&so_far[row], Special::Skip) {
-                Ok(text) if judge.is_refusal(&text) => ControlFlow::Break(Stop::Prompt),
+                Ok(text) if judge.is_refusal(&text) => {
+                    refusals += 1;
+                    match opts.stop_at_refusals {
+                        Some(n) if refusals >= n => ControlFlow::Break(Stop::All),
+                        _ => ControlFlow::Break(Stop::Prompt),
+                    }
+                }
                 Ok(_) => ControlFlow::Continue(()),
                 Err(e) => {
                     error = Some(e);

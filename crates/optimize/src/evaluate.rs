@@ -19,6 +19,7 @@ use eval::score::KlBase;
 use eval::{BatchOptions, CompleteOptions, Judge, Prompts};
 use model::{Interventions, Model, NoHook, Site};
 
+use crate::pareto::Score;
 use crate::space::Params;
 use crate::{Error, Result};
 
@@ -39,6 +40,8 @@ pub struct Outcome {
     pub refusals_second: usize,
     /// Mean first-token KL on the harmless prompts.
     pub kl: f64,
+    /// Counting stopped once the trial was dominated by an earlier one (`refusals` is then a lower bound).
+    pub pruned: bool,
 }
 
 /// Everything a trial needs, prepared once.
@@ -128,8 +131,11 @@ impl<'a> Evaluator<'a> {
         Ok(hooks)
     }
 
-    /// Measures one trial.
-    pub fn evaluate(&self, p: &Params) -> Result<Outcome> {
+    /// Measures one trial. `prior`: the exact scores of earlier trials; once the harmful refusals reach
+    /// the count at which one of them dominates this trial (`pareto::dominated_at`, at least 1), the
+    /// completions stop (exact pruning: such a trial is neither on the front nor chosen) and the outcome
+    /// is marked pruned, its refusal counts lower bounds.
+    pub fn evaluate(&self, p: &Params, prior: &[Score]) -> Result<Outcome> {
         let mut hooks = self.hooks(p)?;
         let mut kls = Vec::with_capacity(self.base.len());
         self.harmless.last_logits(self.model, &mut hooks, &mut |i, z| {
@@ -137,11 +143,13 @@ impl<'a> Evaluator<'a> {
             Ok(())
         })?;
         let kl = kls.iter().sum::<f64>() / kls.len() as f64;
+        let limit = crate::pareto::dominated_at(prior, kl).map(|n| n.max(1));
         let copts = CompleteOptions {
             max_new_tokens: self.opts.max_new_tokens,
             batch_size: self.opts.batch_size.max(1),
             // Only the verdicts count: a completion ends once it is a refusal (the same counts).
             until_refusal: Some(self.judge),
+            stop_at_refusals: limit,
             ..CompleteOptions::default()
         };
         let done = eval::complete(self.model, self.chat, &self.harmful, &copts, &mut hooks, &mut |_| {})?;
@@ -149,7 +157,8 @@ impl<'a> Evaluator<'a> {
         let refusals = refused.iter().filter(|r| **r).count();
         let refusals_second =
             done.iter().zip(&refused).filter(|(c, r)| **r || eval::judge::is_degenerate(&c.text)).count();
-        Ok(Outcome { refusals, refusals_second, kl })
+        let pruned = limit.is_some_and(|n| refusals >= n);
+        Ok(Outcome { refusals, refusals_second, kl, pruned })
     }
 }
 

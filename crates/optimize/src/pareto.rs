@@ -42,6 +42,17 @@ pub fn front(scores: &[Score]) -> Vec<usize> {
     out
 }
 
+/// The smallest refusal count at which a trial of first-token KL `kl` is dominated by one of `prior`
+/// (exact scores): `min(A + 1, B)` with `A` the fewest refusals among them with KL <= `kl` and `B` among
+/// those with KL < `kl`. `None` when none has KL <= `kl` (no count makes it dominated). A trial that
+/// reaches the count can be neither on the front nor chosen ([`choose`] prefers the dominating one), so a
+/// search may stop counting there (`optimize`'s pruning).
+pub fn dominated_at(prior: &[Score], kl: f64) -> Option<usize> {
+    let a = prior.iter().filter(|s| s.kl <= kl).map(|s| s.refusals).min()?;
+    let b = prior.iter().filter(|s| s.kl < kl).map(|s| s.refusals).min();
+    Some(b.map_or(a + 1, |b| b.min(a + 1)))
+}
+
 /// The default choice rule: among the trials with KL <= `max_kl`, the fewest refusals, then the smallest
 /// KL, then the earliest trial. `None` when no trial is under the bound.
 pub fn choose(scores: &[Score], max_kl: f64) -> Option<usize> {
@@ -70,6 +81,19 @@ mod tests {
             let mut got = front(&scores);
             got.sort();
             prop_assert_eq!(got, brute_force(&scores));
+        }
+
+        #[test]
+        fn a_count_is_dominated_exactly_from_the_pruning_bound_on(
+            raw in prop::collection::vec((0usize..6, 0u8..8), 0..20), k in 0u8..8
+        ) {
+            let prior: Vec<Score> = raw.iter().map(|&(r, k)| Score { refusals: r, kl: k as f64 / 8.0 }).collect();
+            let kl = k as f64 / 8.0;
+            let at = dominated_at(&prior, kl);
+            for c in 0..8 {
+                let dominated = prior.iter().any(|&q| dominates(q, Score { refusals: c, kl }));
+                prop_assert_eq!(dominated, at.is_some_and(|n| c >= n), "count {}", c);
+            }
         }
 
         #[test]

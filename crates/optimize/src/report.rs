@@ -89,6 +89,13 @@ fn write_md(md: &mut String, trials: &[Trial], c: &Context<'_>) -> std::fmt::Res
     }
     let secs: f64 = trials.iter().map(|t| t.seconds).sum();
     writeln!(md, "\nTrials took {secs:.1} s in all (sum over trials, as recorded in `trials.jsonl`).")?;
+    let pruned = trials.iter().filter(|t| t.pruned).count();
+    writeln!(
+        md,
+        "{pruned} of {} trials were pruned: their completions stopped once an earlier trial dominated them (their \
+         refusal counts in `trials.jsonl` are lower bounds; a pruned trial is never on the front nor chosen).",
+        trials.len()
+    )?;
     Ok(())
 }
 

@@ -34,6 +34,8 @@ pub struct Trial {
     /// Harmful prompts judged.
     pub n_harmful: usize,
     pub kl: f64,
+    /// Stopped once an earlier trial dominated it: `refusals` (and the second judge's) are lower bounds.
+    pub pruned: bool,
     pub seconds: f64,
 }
 
@@ -51,6 +53,7 @@ impl Trial {
             "refusals_second_judge": self.refusals_second,
             "harmful_prompts": self.n_harmful,
             "kl": self.kl,
+            "pruned": self.pruned,
             "seconds": self.seconds,
         })
     }
@@ -68,6 +71,7 @@ impl Trial {
             refusals_second: v["refusals_second_judge"].as_u64()? as usize,
             n_harmful: v["harmful_prompts"].as_u64()? as usize,
             kl: v["kl"].as_f64()?,
+            pruned: v["pruned"].as_bool()?,
             seconds: v["seconds"].as_f64()?,
         })
     }
@@ -186,7 +190,8 @@ pub fn search(
             trials.iter().map(|t| (t.point.clone(), vec![t.refusals as f64, t.kl])).collect();
         let point = sampler.propose(&history);
         let params = space.params(&point);
-        let o = ev.evaluate(&params)?;
+        let exact: Vec<Score> = trials.iter().filter(|t| !t.pruned).map(Trial::score).collect();
+        let o = ev.evaluate(&params, &exact)?;
         trials.push(Trial {
             number: trials.len(),
             point,
@@ -195,6 +200,7 @@ pub fn search(
             refusals_second: o.refusals_second,
             n_harmful: ev.harmful_len(),
             kl: o.kl,
+            pruned: o.pruned,
             seconds: t.elapsed().as_secs_f64(),
         });
         let mut text = String::new();

@@ -159,6 +159,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         batch_size: opts.batch_size.max(1),
         record,
         until_refusal: judged_only.then_some(inputs.judge),
+        stop_at_refusals: None,
     };
     let first = Record { first_logits: true, logprobs: false };
     let on_record = Record { first_logits: true, logprobs: opts.cross_entropy };

@@ -179,6 +179,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "space": space.to_json(),
         "sampler": {"kind": "multi-objective TPE (crates/optimize/src/tpe.rs)", "seed": args.seed, "startup": args.startup, "candidates": EI_CANDIDATES},
         "objectives": ["harmful refusals (substring judge)", "mean first-token KL on harmless prompts"],
+        "pruning": "a trial's completions stop once an earlier trial dominates it (optimize::pareto::dominated_at); its refusals are then lower bounds",
         "max_new_tokens": args.max_new_tokens,
         "judge": {"source": judge.source, "phrases": judge.phrases()},
         "harmful": prompt_info(&harmful),
@@ -205,8 +206,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let last = trials.last().expect("called after a trial");
         bar.set_position(trials.len() as u64);
         bar.println(format!(
-            "trial {}: {}/{} refusals, KL {:.4}; front: {}",
+            "trial {}: {}{}/{} refusals, KL {:.4}; front: {}",
             last.number,
+            if last.pruned { "pruned at >= " } else { "" },
             last.refusals,
             last.n_harmful,
             last.kl,
