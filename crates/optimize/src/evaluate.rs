@@ -6,7 +6,11 @@
 //!   judged by the substring judge ([`eval::Judge`]); the second judge (substring or degenerate output,
 //!   [`eval::judge::is_degenerate`]) is counted beside it;
 //! - KL: mean first-token KL(original ‖ hooked) over the harmless prompts (method.md §5 formula), the
-//!   original's distributions computed once.
+//!   original's distributions computed once; measured first, so that the completions can stop once an
+//!   earlier trial dominates this one (exact pruning, docs/optimize.md).
+//!
+//! The trial's directions are the interpolated one for every writer, or each layer's own candidate
+//! (heretic's per-layer scope).
 //!
 //! A norm-preserving trial uses the `keep_norm` hook, which restores the norm of each whole write; the
 //! edit rescales each written column instead, which no residual hook reproduces (docs/variants.md), so a
