@@ -55,6 +55,7 @@ fn writes_every_output_and_edit_takes_the_direction() {
             "direction.safetensors",
             "induce.svg",
             "kl.svg",
+            "means.safetensors",
             "report.md",
             "scores.json"
         ]
@@ -84,6 +85,27 @@ fn writes_every_output_and_edit_takes_the_direction() {
     assert_eq!(chosen, d.values.as_slice());
     assert_eq!(scores["candidates"].as_array().unwrap().len(), cands.positions().len() * 2);
     assert_eq!(scores["counts"]["harmful_train"]["kept"], 16);
+    // The harmless means, in the candidates' layout: what the projected variant removes. `direction
+    // orthogonalize --means` takes them as they are, at the direction's own place.
+    let means = direction::Candidates::load_means(&out.join("means.safetensors"), 64).unwrap();
+    assert_eq!((means.positions(), means.layers()), (cands.positions(), 2));
+    let mu = means.get(direction::Candidate { position, layer: layer as usize }).unwrap().to_vec();
+    assert!(direction::norm(&mu) > 0.0);
+    let projected = tmp.path().join("projected.safetensors");
+    let r = abliterate([
+        "direction",
+        "orthogonalize",
+        s(&out.join("direction.safetensors")),
+        "--means",
+        s(&out.join("means.safetensors")),
+        "-o",
+        s(&projected),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let p = direction::Direction::load(&projected, 64).unwrap();
+    let dot: f64 = p.values.iter().zip(&mu).map(|(a, b)| a * b).sum();
+    // The file stores f32: orthogonal up to its rounding.
+    assert!(dot.abs() <= 1e-6 * p.norm() * direction::norm(&mu), "{dot}");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.starts_with(&format!("# Refusal direction of `{}`", model.display())), "{report}");
     assert!(std::fs::read_to_string(out.join("kl.svg")).unwrap().starts_with("<svg "));

@@ -426,6 +426,30 @@ impl Candidates {
         dtype: Dtype,
         metadata: &Map<String, Value>,
     ) -> std::io::Result<()> {
+        Candidates::write_named(path, CANDIDATES_TENSOR, values, positions, layers, dtype, metadata)
+    }
+
+    /// Writes a means file ([`Candidates::load_means`]): the candidates layout, tensor [`MEANS_TENSOR`].
+    pub fn write_means(
+        path: &Path,
+        values: &[f64],
+        positions: &[i64],
+        layers: usize,
+        dtype: Dtype,
+        metadata: &Map<String, Value>,
+    ) -> std::io::Result<()> {
+        Candidates::write_named(path, MEANS_TENSOR, values, positions, layers, dtype, metadata)
+    }
+
+    fn write_named(
+        path: &Path,
+        name: &str,
+        values: &[f64],
+        positions: &[i64],
+        layers: usize,
+        dtype: Dtype,
+        metadata: &Map<String, Value>,
+    ) -> std::io::Result<()> {
         assert!(matches!(dtype, Dtype::F32 | Dtype::F64), "candidates files hold F32 or F64");
         let hidden = values.len() / (positions.len() * layers).max(1);
         assert_eq!(values.len(), positions.len() * layers * hidden, "values are [positions, layers, hidden]");
@@ -433,7 +457,7 @@ impl Candidates {
         meta.insert("positions".into(), Value::String(format!("{positions:?}")));
         meta.insert("layers".into(), Value::String(format!("{:?}", (0..layers).collect::<Vec<_>>())));
         meta.insert("axis_order".into(), Value::String("position, layer, hidden".into()));
-        write_tensor(path, CANDIDATES_TENSOR, values, &[positions.len(), layers, hidden], dtype, &meta)
+        write_tensor(path, name, values, &[positions.len(), layers, hidden], dtype, &meta)
     }
 }
 

@@ -282,6 +282,10 @@ pub struct Found {
     /// `[positions, layers, hidden]` f64: `r = mean(harmful) − mean(harmless)` (method.md §4).
     #[serde(skip)]
     pub candidates: Vec<f64>,
+    /// `[positions, layers, hidden]` f64: the mean of the filtered harmless training prompts' residuals, what
+    /// the projected and biprojected variants remove from a direction (docs/variants.md).
+    #[serde(skip)]
+    pub harmless_means: Vec<f64>,
     /// Every candidate in the paper's order (position outer, layer inner).
     pub scores: Vec<Scored>,
     pub choice: Choice,
@@ -530,6 +534,7 @@ pub fn find(model: &Model, chat: &Chat, sets: &Sets, opts: &Options, progress: &
         means.push(sums.sums.into_iter().map(|s| s / n).collect::<Vec<f64>>());
     }
     let candidates: Vec<f64> = means[0].iter().zip(&means[1]).map(|(h, n)| h - n).collect();
+    let harmless_means = means.pop().expect("the harmful and the harmless means");
     drop(means);
     let seconds = started.elapsed().as_secs_f64();
     progress.finish(Stage::Means, seconds);
@@ -641,6 +646,7 @@ pub fn find(model: &Model, chat: &Chat, sets: &Sets, opts: &Options, progress: &
         baseline_harmful_val,
         baseline_harmless_val,
         candidates,
+        harmless_means,
         scores: scored,
         choice,
         select: SelectOptionsReport {

@@ -3,7 +3,8 @@
 //! OUT may not be, contain, or lie inside the model directory; the model is only read.
 //!
 //! Files: `direction.safetensors` (the chosen raw vector, F64, with string metadata), `candidates.safetensors`
-//! (`[positions, layers, hidden]`, F64), `scores.json`, `report.md`, and the plots `bypass.svg`,
+//! (`[positions, layers, hidden]`, F64), `means.safetensors` (the harmless means in the same layout, tensor
+//! `means`: what `abliterate direction orthogonalize --means` and `biproject --means` read), `scores.json`, `report.md`, and the plots `bypass.svg`,
 //! `induce.svg`, `kl.svg`.
 
 use std::io::Read;
@@ -19,6 +20,7 @@ use crate::{FindError, Found, Result};
 
 pub const DIRECTION: &str = "direction.safetensors";
 pub const CANDIDATES: &str = "candidates.safetensors";
+pub const MEANS: &str = "means.safetensors";
 pub const SCORES: &str = "scores.json";
 pub const REPORT: &str = "report.md";
 
@@ -210,6 +212,19 @@ pub fn write(found: &Found, meta: &Meta, out: &Path, force: bool) -> Result<()> 
             &cm,
         )
         .map_err(io(&tmp.join(CANDIDATES)))?;
+        cm.insert(
+            "source".into(),
+            json!("abliterate find: mean(harmless)[position, layer] over the filtered harmless training prompts (method.md §4)"),
+        );
+        direction::Candidates::write_means(
+            &tmp.join(MEANS),
+            &found.harmless_means,
+            &found.positions,
+            found.layers,
+            Dtype::F64,
+            &cm,
+        )
+        .map_err(io(&tmp.join(MEANS)))?;
         let scores = serde_json::to_vec_pretty(&report::scores_json(found, meta)).expect("serializable");
         std::fs::write(tmp.join(SCORES), scores).map_err(io(&tmp.join(SCORES)))?;
         std::fs::write(tmp.join(REPORT), report::markdown(found, meta)).map_err(io(&tmp.join(REPORT)))?;
