@@ -429,19 +429,9 @@ impl Candidates {
         Candidates::write_named(path, CANDIDATES_TENSOR, values, positions, layers, dtype, metadata)
     }
 
-    /// Writes a means file ([`Candidates::load_means`]): the candidates layout, tensor [`MEANS_TENSOR`].
-    pub fn write_means(
-        path: &Path,
-        values: &[f64],
-        positions: &[i64],
-        layers: usize,
-        dtype: Dtype,
-        metadata: &Map<String, Value>,
-    ) -> std::io::Result<()> {
-        Candidates::write_named(path, MEANS_TENSOR, values, positions, layers, dtype, metadata)
-    }
-
-    fn write_named(
+    /// [`Candidates::write`] with another tensor name: [`MEANS_TENSOR`] makes a means file
+    /// ([`Candidates::load_means`]).
+    pub fn write_named(
         path: &Path,
         name: &str,
         values: &[f64],

@@ -4,8 +4,8 @@
 //!
 //! Files: `direction.safetensors` (the chosen raw vector, F64, with string metadata), `candidates.safetensors`
 //! (`[positions, layers, hidden]`, F64), `means.safetensors` (the harmless means in the same layout, tensor
-//! `means`: what `abliterate direction orthogonalize --means` and `biproject --means` read), `scores.json`, `report.md`, and the plots `bypass.svg`,
-//! `induce.svg`, `kl.svg`.
+//! `means`: what `abliterate direction orthogonalize --means` and `biproject --means` read), `scores.json`,
+//! `report.md`, and the plots `bypass.svg`, `induce.svg`, `kl.svg`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -198,33 +198,33 @@ pub fn write(found: &Found, meta: &Meta, out: &Path, force: bool) -> Result<()> 
                 found.kept.harmless_train.len()
             )),
         );
-        cm.insert(
-            "source".into(),
-            json!("abliterate find: r[position, layer] = mean(harmful) − mean(harmless) (method.md §4)"),
-        );
-        cm.insert("abliterate_version".into(), json!(meta.version));
-        direction::Candidates::write(
-            &tmp.join(CANDIDATES),
-            &found.candidates,
-            &found.positions,
-            found.layers,
-            Dtype::F64,
-            &cm,
-        )
-        .map_err(io(&tmp.join(CANDIDATES)))?;
-        cm.insert(
-            "source".into(),
-            json!("abliterate find: mean(harmless)[position, layer] over the filtered harmless training prompts (method.md §4)"),
-        );
-        direction::Candidates::write_means(
-            &tmp.join(MEANS),
-            &found.harmless_means,
-            &found.positions,
-            found.layers,
-            Dtype::F64,
-            &cm,
-        )
-        .map_err(io(&tmp.join(MEANS)))?;
+        for (file, tensor, values, source) in [
+            (
+                CANDIDATES,
+                direction::CANDIDATES_TENSOR,
+                &found.candidates,
+                "abliterate find: r[position, layer] = mean(harmful) − mean(harmless) (method.md §4)",
+            ),
+            (
+                MEANS,
+                direction::MEANS_TENSOR,
+                &found.harmless_means,
+                "abliterate find: mean(harmless)[position, layer] over the filtered harmless training prompts (method.md §4)",
+            ),
+        ] {
+            cm.insert("source".into(), json!(source));
+            cm.insert("abliterate_version".into(), json!(meta.version));
+            direction::Candidates::write_named(
+                &tmp.join(file),
+                tensor,
+                values,
+                &found.positions,
+                found.layers,
+                Dtype::F64,
+                &cm,
+            )
+            .map_err(io(&tmp.join(file)))?;
+        }
         let scores = serde_json::to_vec_pretty(&report::scores_json(found, meta)).expect("serializable");
         std::fs::write(tmp.join(SCORES), scores).map_err(io(&tmp.join(SCORES)))?;
         std::fs::write(tmp.join(REPORT), report::markdown(found, meta)).map_err(io(&tmp.join(REPORT)))?;

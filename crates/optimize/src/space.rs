@@ -149,13 +149,18 @@ impl Params {
         })
     }
 
+    /// heretic's `direction_scope`, as recorded.
+    pub fn scope(&self) -> &'static str {
+        if self.per_layer { "per_layer" } else { "global" }
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
             "direction_index": self.index,
             "attn": self.attn.to_string(),
             "mlp": self.mlp.to_string(),
             "norm_preserving": self.norm_preserving,
-            "direction_scope": if self.per_layer { "per_layer" } else { "global" },
+            "direction_scope": self.scope(),
         })
     }
 }

@@ -268,7 +268,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     for (k, v) in [
         ("source", source),
-        ("direction_scope", p.to_json()["direction_scope"].as_str().unwrap_or_default().to_string()),
+        ("direction_scope", p.scope().to_string()),
         ("direction_index", p.index.to_string()),
         ("position", position.to_string()),
         ("trial", trial.number.to_string()),
