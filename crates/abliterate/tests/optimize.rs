@@ -238,3 +238,79 @@ fn a_chosen_per_layer_trial_is_written_as_a_per_layer_file_and_reproduced_by_edi
     let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(read(&by_hand) == read(&out.join("model")), "the stated edit is not the written model");
 }
+
+/// `--projected on`: every trial's candidates lose their component along the harmless mean of their site
+/// (find's `means.safetensors`); the chosen file holds the projected direction(s), computed here from the
+/// two files by hand, and says so. A find output without means is refused for it, naming the file.
+#[test]
+fn projected_trials_take_find_candidates_without_their_harmless_mean_component() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let r = optimize(&out, 4, &["--projected", "on", "--seed", "2", "--max-kl", "10"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(trials(&out).iter().all(|t| t["params"]["projected"] == true));
+    let settings: Value = serde_json::from_str(&std::fs::read_to_string(out.join("settings.json")).unwrap()).unwrap();
+    assert_eq!(settings["space"]["projected"], "on");
+
+    let hidden = 192;
+    let c = direction::Candidates::load(&out.join("find/candidates.safetensors"), hidden).unwrap();
+    let m = direction::Candidates::load_means(&out.join("find/means.safetensors"), hidden).unwrap();
+    let position: i64 = direction::Direction::load(&out.join("find/direction.safetensors"), hidden)
+        .unwrap()
+        .meta("position")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // r − (r·μ)/(μ·μ) μ, normalized, for the residual entering `layer`.
+    let projected_unit = |layer: usize| -> Vec<f64> {
+        let at = direction::Candidate { position, layer };
+        let (r, mu) = (c.get(at).unwrap(), m.get(at).unwrap());
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let k = dot(r, mu) / dot(mu, mu);
+        let p: Vec<f64> = r.iter().zip(mu).map(|(x, y)| x - k * y).collect();
+        let n = dot(&p, &p).sqrt();
+        assert!(dot(&p, mu).abs() < 1e-9 * n * dot(mu, mu).sqrt());
+        p.iter().map(|x| x / n).collect()
+    };
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-10);
+    let chosen = direction::Directions::open(&out.join("chosen/direction.safetensors"), hidden, 4, None).unwrap();
+    let params = &v["chosen"]["params"];
+    if params["direction_scope"] == "per_layer" {
+        for (block, residual) in [(0, 1), (1, 2), (2, 3), (3, 3)] {
+            assert!(close(chosen.for_layer(Some(block)).as_slice(), &projected_unit(residual)), "block {block}");
+        }
+    } else {
+        let index = params["direction_index"].as_f64().unwrap();
+        let (a, t) = (index.floor() as usize, index.fract());
+        let (ra, rb) = (projected_unit(a), projected_unit((a + 1).min(3)));
+        let mix: Vec<f64> = ra.iter().zip(&rb).map(|(x, y)| (1.0 - t) * x + t * y).collect();
+        let n = mix.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let want: Vec<f64> = mix.iter().map(|x| x / n).collect();
+        assert!(close(chosen.single.as_ref().unwrap().values.as_slice(), &want), "index {index}");
+    }
+    let bytes = std::fs::read(out.join("chosen/direction.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"]["projected"], "true");
+    let card = std::fs::read_to_string(out.join("model/README.md")).unwrap();
+    assert!(card.contains("find's candidates projected (each without its component along the harmless mean"), "{card}");
+
+    // The same search reads find's outputs; without the means file it cannot project.
+    let other = tmp.path().join("p");
+    std::fs::create_dir_all(other.join("find")).unwrap();
+    for f in ["candidates.safetensors", "direction.safetensors"] {
+        std::fs::copy(out.join("find").join(f), other.join("find").join(f)).unwrap();
+    }
+    let r = optimize(&other, 1, &["--projected", "search"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.trim_end(),
+        format!(
+            "error: --projected search needs find's harmless means `{}`, which this find output lacks (an older \
+             abliterate wrote it); remove `{}` to run find again",
+            other.join("find/means.safetensors").display(),
+            other.join("find").display()
+        )
+    );
+}

@@ -416,6 +416,59 @@ impl Candidates {
         Ok(Direction { values, dtype: self.dtype, metadata, sha256: self.sha256.clone(), path: self.path.clone() })
     }
 
+    /// Projected candidates (docs/variants.md, "Projected"): every candidate `r[p, l]` without its component
+    /// along the harmless mean of the same site, `r − (r·μ̂) μ̂` ([`derive::orthogonalize`]), not renormalized.
+    /// `means` must have the same positions, layers and hidden size (find writes both). A zero candidate
+    /// stays zero (it is not usable either way); a site whose mean is zero, or whose candidate lies along
+    /// it, is refused, naming it. The result is in memory: its `sha256` is that of the candidates and the
+    /// means together, its metadata records both.
+    pub fn projected(&self, means: &Candidates) -> std::result::Result<Candidates, String> {
+        if means.positions != self.positions || means.layers != self.layers || means.hidden != self.hidden {
+            return Err(format!(
+                "the means file `{}` ({} positions {:?}, {} layers, hidden {}) does not match the candidates `{}` \
+                 ({} positions {:?}, {} layers, hidden {})",
+                means.path.display(),
+                means.positions.len(),
+                means.positions,
+                means.layers,
+                means.hidden,
+                self.path.display(),
+                self.positions.len(),
+                self.positions,
+                self.layers,
+                self.hidden
+            ));
+        }
+        let mut values = Vec::with_capacity(self.values.len());
+        for (i, (r, mu)) in self.values.chunks(self.hidden).zip(means.values.chunks(self.hidden)).enumerate() {
+            if r.iter().all(|&x| x == 0.0) {
+                values.extend_from_slice(r);
+                continue;
+            }
+            let site = Candidate { position: self.positions[i / self.layers], layer: i % self.layers };
+            values.extend(derive::orthogonalize(r, &[mu]).map_err(|e| format!("candidate {site}: {e}"))?);
+        }
+        let mut metadata = self.metadata.clone();
+        metadata.insert(
+            "projected".into(),
+            Value::String(format!(
+                "each candidate orthogonalized against the harmless mean of its site, from `{}` (sha256 {})",
+                means.path.display(),
+                means.sha256
+            )),
+        );
+        Ok(Candidates {
+            values,
+            positions: self.positions.clone(),
+            layers: self.layers,
+            hidden: self.hidden,
+            dtype: Dtype::F64,
+            metadata,
+            sha256: sha256_hex(format!("{} projected against {}", self.sha256, means.sha256).as_bytes()),
+            path: self.path.clone(),
+        })
+    }
+
     /// Writes a candidates file: `values` `[positions, layers, hidden]` row-major as F32 or F64, with
     /// `positions` and `layers` recorded in the metadata beside `metadata`.
     pub fn write(

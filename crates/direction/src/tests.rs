@@ -194,3 +194,32 @@ fn per_layer_rows_equal_the_per_layer_file_they_would_be_written_as() {
         "3 values are not [2, d] per-layer directions"
     );
 }
+
+#[test]
+fn projected_candidates_lose_their_harmless_mean_component_site_by_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Candidates::load(&candidates_file(dir.path()), 2).unwrap();
+    // Means: e0 everywhere but (-1, 1), where e1; layer 0's candidates are zero and stay so.
+    let mut means = vec![1.0, 0.0].repeat(6);
+    means[2 * 4..2 * 4 + 2].copy_from_slice(&[0.0, 2.0]);
+    let mp = dir.path().join("means.safetensors");
+    Candidates::write_named(&mp, MEANS_TENSOR, &means, &[-2, -1], 3, Dtype::F64, &Map::new()).unwrap();
+    let m = Candidates::load_means(&mp, 2).unwrap();
+    let p = c.projected(&m).unwrap();
+    let at = |position, layer| p.get(Candidate { position, layer }).unwrap().to_vec();
+    assert_eq!(at(-2, 0), [0.0, 0.0]);
+    assert_eq!(at(-2, 1), [0.0, 3.0]);
+    assert_eq!(at(-2, 2), [0.0, 5.0]);
+    assert_eq!(at(-1, 1), [8.0, 0.0]);
+    assert_eq!(at(-1, 2), [0.0, 11.0]);
+    assert_ne!(p.sha256, c.sha256);
+    assert!(p.metadata["projected"].as_str().unwrap().contains("means.safetensors"));
+    // A candidate along its mean has nothing left; a means file of another layout is refused.
+    means[2 * 4..2 * 4 + 2].copy_from_slice(&[16.0, 18.0]);
+    Candidates::write_named(&mp, MEANS_TENSOR, &means, &[-2, -1], 3, Dtype::F64, &Map::new()).unwrap();
+    let e = c.projected(&Candidates::load_means(&mp, 2).unwrap()).unwrap_err();
+    assert!(e.starts_with("candidate (-1, 1): the direction lies in the span of the protected directions"), "{e}");
+    Candidates::write_named(&mp, MEANS_TENSOR, &means[..8], &[-2, -1], 2, Dtype::F64, &Map::new()).unwrap();
+    let e = c.projected(&Candidates::load_means(&mp, 2).unwrap()).unwrap_err();
+    assert!(e.contains("(2 positions [-2, -1], 2 layers, hidden 2) does not match the candidates"), "{e}");
+}

@@ -10,7 +10,8 @@
 //!   earlier trial dominates this one (exact pruning, docs/optimize.md).
 //!
 //! The trial's directions are the interpolated one for every writer, or each layer's own candidate
-//! (heretic's per-layer scope).
+//! (heretic's per-layer scope), both from find's candidates or from their projected versions (each
+//! candidate without its component along the harmless mean of its site, `Candidates::projected`).
 //!
 //! A norm-preserving trial uses the `keep_norm` hook, which restores the norm of each whole write; the
 //! edit rescales each written column instead, which no residual hook reproduces (docs/variants.md), so a
@@ -48,14 +49,28 @@ pub struct Outcome {
     pub pruned: bool,
 }
 
+/// The directions of one candidate set, prepared once.
+struct Source {
+    candidates: Candidates,
+    /// Each layer's own candidate (heretic's per-layer scope).
+    per_layer: Directions,
+}
+
+impl Source {
+    fn new(candidates: Candidates, position: i64) -> Result<Source> {
+        let per_layer = per_layer_directions(&candidates, position)?;
+        Ok(Source { candidates, per_layer })
+    }
+}
+
 /// Everything a trial needs, prepared once.
 pub struct Evaluator<'a> {
     model: &'a Model,
     chat: &'a Chat,
-    candidates: &'a Candidates,
     position: i64,
-    /// Each layer's own candidate (heretic's per-layer scope), made once.
-    per_layer: Directions,
+    /// find's candidates, and their projected versions where the search uses them.
+    plain: Source,
+    projected: Option<Source>,
     harmful: Vec<Vec<u32>>,
     harmless: Prompts,
     base: Vec<KlBase>,
@@ -65,11 +80,14 @@ pub struct Evaluator<'a> {
 
 impl<'a> Evaluator<'a> {
     /// Prepares the prompts (chat-formatted ids) and the original's harmless first-token distributions.
+    /// `means`: find's harmless means, for trials with projected candidates (none: every trial uses the
+    /// candidates as they are).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &'a Model,
         chat: &'a Chat,
-        candidates: &'a Candidates,
+        candidates: &Candidates,
+        means: Option<&Candidates>,
         position: i64,
         harmful: Vec<Vec<u32>>,
         harmless: Vec<Vec<u32>>,
@@ -86,27 +104,44 @@ impl<'a> Evaluator<'a> {
             base.push(KlBase::new(z));
             Ok(())
         })?;
-        let per_layer = per_layer_directions(candidates, position)?;
-        Ok(Evaluator { model, chat, candidates, position, per_layer, harmful, harmless, base, judge, opts })
+        let plain = Source::new(candidates.clone(), position)?;
+        let projected = match means {
+            Some(m) => Some(Source::new(candidates.projected(m).map_err(Error::Space)?, position)?),
+            None => None,
+        };
+        Ok(Evaluator { model, chat, position, plain, projected, harmful, harmless, base, judge, opts })
+    }
+
+    fn source(&self, projected: bool) -> Result<&Source> {
+        match (projected, &self.projected) {
+            (false, _) => Ok(&self.plain),
+            (true, Some(s)) => Ok(s),
+            (true, None) => Err(Error::Space("a projected trial needs find's harmless means".into())),
+        }
+    }
+
+    /// The candidates a trial's directions come from: find's, or their projected versions.
+    pub fn candidates(&self, p: &Params) -> Result<&Candidates> {
+        Ok(&self.source(p.projected)?.candidates)
     }
 
     pub fn harmful_len(&self) -> usize {
         self.harmful.len()
     }
 
-    /// The unit direction of a fractional index (heretic's interpolation between candidates).
-    pub fn direction(&self, index: f64) -> Result<Vec<f64>> {
-        direction::derive::interpolate(self.candidates, self.position, index).map_err(Error::Space)
+    /// The unit direction of a trial's fractional index (heretic's interpolation between candidates).
+    pub fn direction(&self, p: &Params) -> Result<Vec<f64>> {
+        direction::derive::interpolate(self.candidates(p)?, self.position, p.index).map_err(Error::Space)
     }
 
     /// The trial's directions: each layer's own candidate (per-layer scope), or the interpolated
     /// direction for every writer.
     pub fn directions(&self, p: &Params) -> Result<Directions> {
         if p.per_layer {
-            return Ok(self.per_layer.clone());
+            return Ok(self.source(p.projected)?.per_layer.clone());
         }
         let d = Direction {
-            values: self.direction(p.index)?,
+            values: self.direction(p)?,
             dtype: checkpoint::Dtype::F64,
             metadata: Default::default(),
             sha256: String::new(),

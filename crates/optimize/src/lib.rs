@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 pub use evaluate::{EvalOptions, Evaluator, Outcome};
 pub use pareto::{Score, choose, front};
-pub use space::{Params, Space};
+pub use space::{Params, Projection, Space};
 pub use store::{Trial, search};
 
 /// Everything that can go wrong in a search. Messages are lowercase and name the thing.

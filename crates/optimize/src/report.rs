@@ -22,7 +22,9 @@ pub struct Context<'a> {
 
 fn params_cells(t: &Trial) -> String {
     let p = &t.params;
-    format!("{:.3} | {:.3} | {:.3} | {}", p.index, p.attn, p.mlp, if p.norm_preserving { "yes" } else { "no" })
+    let direction = if p.per_layer { "per layer".to_string() } else { format!("index {:.3}", p.index) };
+    let projected = if p.projected { ", projected" } else { "" };
+    format!("{direction}{projected} | {:.3} | {:.3} | {}", p.attn, p.mlp, if p.norm_preserving { "yes" } else { "no" })
 }
 
 /// `report.md`.
@@ -59,7 +61,7 @@ fn write_md(md: &mut String, trials: &[Trial], c: &Context<'_>) -> std::fmt::Res
     )?;
     writeln!(
         md,
-        "| trial | refusals | second judge | KL | direction index | attn kernel | mlp kernel | norm-preserving |"
+        "| trial | refusals | second judge | KL | direction | attn kernel | mlp kernel | norm-preserving |"
     )?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for &i in &f {

@@ -29,6 +29,44 @@ pub struct Space {
     /// The fractional direction index's range: [`INDEX_FRACTION`] of the last layer, within the usable
     /// candidates' layers.
     pub index: (f64, f64),
+    /// Whether the directions are find's candidates or their projected versions, or a searched choice.
+    pub projection: Projection,
+}
+
+/// The projected direction variant in the search (docs/variants.md, "Projected"; heretic's
+/// `orthogonalize_direction`): each candidate without its component along the harmless mean of its site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Projection {
+    /// find's candidates as they are (the search of the side by side in docs/results.md).
+    #[default]
+    Off,
+    /// Every trial's candidates projected (heretic 1.4.0's default).
+    On,
+    /// A twelfth parameter, `projected`, chooses per trial.
+    Search,
+}
+
+impl std::str::FromStr for Projection {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Projection, String> {
+        match s {
+            "off" => Ok(Projection::Off),
+            "on" => Ok(Projection::On),
+            "search" => Ok(Projection::Search),
+            _ => Err(format!("`{s}` is not a projection: off, on or search")),
+        }
+    }
+}
+
+impl Projection {
+    pub fn label(self) -> &'static str {
+        match self {
+            Projection::Off => "off",
+            Projection::On => "on",
+            Projection::Search => "search",
+        }
+    }
 }
 
 /// One trial's edit.
@@ -44,10 +82,12 @@ pub struct Params {
     /// its own layer's candidate (block `l` ← the residual it writes into, `direction::derive::per_layer`),
     /// and `index` is unused.
     pub per_layer: bool,
+    /// The candidates are projected ([`Projection`]).
+    pub projected: bool,
 }
 
-/// The eleven parameters, in point order.
-pub const NAMES: [&str; 11] = [
+/// The parameters, in point order; the last only where [`Projection::Search`].
+pub const NAMES: [&str; 12] = [
     "direction_index",
     "attn.peak",
     "attn.position",
@@ -59,13 +99,14 @@ pub const NAMES: [&str; 11] = [
     "mlp.width",
     "norm_preserving",
     "direction_scope",
+    "projected",
 ];
 
 impl Space {
     /// The space of a model with `layers` layers whose candidates at `position` are usable from layer
     /// `first_usable` on (the residual entering layer 0 is the embedding, the same for every prompt at a
     /// post-instruction position, so its candidate is zero).
-    pub fn new(layers: usize, position: i64, first_usable: usize) -> Result<Space> {
+    pub fn new(layers: usize, position: i64, first_usable: usize, projection: Projection) -> Result<Space> {
         if first_usable >= layers {
             return Err(Error::Space(format!(
                 "no usable candidate at position {position}: the direction index needs at least one nonzero \
@@ -76,13 +117,21 @@ impl Space {
         let last = (layers - 1) as f64;
         let lo = (INDEX_FRACTION.0 * last).max(first_usable as f64);
         let hi = (INDEX_FRACTION.1 * last).max(lo);
-        Ok(Space { layers, position, index: (lo, hi) })
+        Ok(Space { layers, position, index: (lo, hi), projection })
     }
 
     pub fn dims(&self) -> Vec<Dim> {
         let mut d = vec![Dim::Unit; 9];
         d.extend([Dim::Choice(2), Dim::Choice(2)]);
+        if self.projection == Projection::Search {
+            d.push(Dim::Choice(2));
+        }
         d
+    }
+
+    /// The names of [`Space::dims`], in order.
+    pub fn names(&self) -> &'static [&'static str] {
+        &NAMES[..self.dims().len()]
     }
 
     fn last(&self) -> f64 {
@@ -114,6 +163,11 @@ impl Space {
             mlp: tent(&x[5..9]),
             norm_preserving: x[9] == 1.0,
             per_layer: x[10] == 1.0,
+            projected: match self.projection {
+                Projection::Off => false,
+                Projection::On => true,
+                Projection::Search => x[11] == 1.0,
+            },
         }
     }
 
@@ -130,7 +184,8 @@ impl Space {
             "width": [self.width().0, self.width().1],
             "norm_preserving": [false, true],
             "direction_scope": ["global", "per_layer"],
-            "parameters": NAMES,
+            "projected": self.projection.label(),
+            "parameters": self.names(),
         })
     }
 }
@@ -161,6 +216,7 @@ impl Params {
             "mlp": self.mlp.to_string(),
             "norm_preserving": self.norm_preserving,
             "direction_scope": self.scope(),
+            "projected": self.projected,
         })
     }
 }
@@ -172,8 +228,9 @@ mod tests {
     #[test]
     fn points_map_to_the_stated_ranges() {
         // 11 layers: the last index is 10, so the direction index spans 4..9, a peak 6..10, a width 1..6.
-        let s = Space::new(11, -1, 1).unwrap();
+        let s = Space::new(11, -1, 1, Projection::Off).unwrap();
         let p = s.params(&[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert!(!p.projected);
         assert_eq!(p.index, 4.0);
         assert_eq!(p.attn, Tent { peak: 0.8, position: 6.0, min: 0.0, width: 1.0 });
         assert_eq!(p.mlp, Tent { peak: 1.5, position: 10.0, min: 1.5, width: 6.0 });
@@ -182,15 +239,30 @@ mod tests {
         let p = s.params(&[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0]);
         assert_eq!((p.index, p.attn.position, p.attn.width, p.norm_preserving), (6.5, 8.0, 3.5, false));
         assert!(!p.per_layer);
-        assert_eq!(s.dims().len(), NAMES.len());
+        assert_eq!((s.dims().len(), s.names().last()), (11, Some(&"direction_scope")));
+        // The projection: fixed, or a twelfth choice.
+        let on = Space::new(11, -1, 1, Projection::On).unwrap();
+        assert_eq!(on.dims(), s.dims());
+        assert!(on.params(&[0.5; 11]).projected);
+        let search = Space::new(11, -1, 1, Projection::Search).unwrap();
+        assert_eq!((search.dims().len(), search.names().len(), search.dims()[11]), (12, 12, Dim::Choice(2)));
+        let mut x = [0.5; 12];
+        x[11] = 0.0;
+        assert!(!search.params(&x).projected);
+        x[11] = 1.0;
+        assert!(search.params(&x).projected);
+        assert_eq!(search.to_json()["projected"], "search");
+        assert_eq!(search.params(&x).to_json()["projected"], true);
+        assert_eq!("search".parse::<Projection>(), Ok(Projection::Search));
+        assert_eq!("yes".parse::<Projection>().unwrap_err(), "`yes` is not a projection: off, on or search");
         assert!((p.attn.min - 0.575).abs() < 1e-12);
         let t = p.kernel_table(11);
         assert_eq!(t["attn"][8], 1.15);
         // The index never goes below the first usable candidate.
-        assert_eq!(Space::new(11, -1, 7).unwrap().index, (7.0, 9.0));
-        assert_eq!(Space::new(11, -1, 10).unwrap().index, (10.0, 10.0));
+        assert_eq!(Space::new(11, -1, 7, Projection::Off).unwrap().index, (7.0, 9.0));
+        assert_eq!(Space::new(11, -1, 10, Projection::Off).unwrap().index, (10.0, 10.0));
         assert_eq!(
-            Space::new(4, -1, 4).unwrap_err().to_string(),
+            Space::new(4, -1, 4, Projection::Off).unwrap_err().to_string(),
             "no usable candidate at position -1: the direction index needs at least one nonzero candidate among \
              layers 0..=3"
         );

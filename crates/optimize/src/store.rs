@@ -237,7 +237,7 @@ mod tests {
     #[test]
     fn a_new_out_is_created_and_a_foreign_one_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let space = Space::new(4, -1, 1).unwrap();
+        let space = Space::new(4, -1, 1, crate::space::Projection::Off).unwrap();
         let out = dir.path().join("out");
         assert_eq!(open(&out, &json!({"seed": 1}), &space).unwrap(), vec![]);
         let e = open(&out, &json!({"seed": 2}), &space).unwrap_err().to_string();

@@ -77,6 +77,11 @@ pub struct Args {
     /// The refusal judge's phrases (one per line); default: the documented list of `eval`.
     #[arg(long, value_name = "FILE")]
     judge: Option<PathBuf>,
+    /// The projected direction variant (each of find's candidates without its component along the harmless
+    /// mean of its site, heretic's `orthogonalize_direction`): off, on for every trial, or search (a twelfth
+    /// parameter).
+    #[arg(long, value_name = "off|on|search", default_value = "off")]
+    projected: optimize::Projection,
     /// Prompts per forward pass or generation batch.
     #[arg(long, value_name = "N", default_value_t = 32)]
     batch_size: usize,
@@ -154,7 +159,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .meta("position")
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("direction file `{}` has no `position` metadata", dfile.display()))?;
-    let space = Space::new(layers, position, optimize::evaluate::first_usable(&candidates, position))?;
+    let space =
+        Space::new(layers, position, optimize::evaluate::first_usable(&candidates, position), args.projected)?;
+    let means = match args.projected {
+        optimize::Projection::Off => None,
+        _ => {
+            let f = find_dir.join(find::output::MEANS);
+            if !f.is_file() {
+                bail!(
+                    "--projected {} needs find's harmless means `{}`, which this find output lacks (an older \
+                     abliterate wrote it); remove `{}` to run find again",
+                    args.projected.label(),
+                    f.display(),
+                    find_dir.display()
+                );
+            }
+            Some(Candidates::load_means(&f, hidden)?)
+        }
+    };
 
     // The trials' prompts and judge.
     let formatter = Formatter::new(&chat, system)?;
@@ -176,6 +198,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let settings = json!({
         "model_sha256": meta.model_sha256,
         "candidates_sha256": candidates.sha256,
+        "means_sha256": means.as_ref().map(|m| m.sha256.clone()),
         "space": space.to_json(),
         "sampler": {"kind": "multi-objective TPE (crates/optimize/src/tpe.rs)", "seed": args.seed, "startup": args.startup, "candidates": EI_CANDIDATES},
         "objectives": ["harmful refusals (substring judge)", "mean first-token KL on harmless prompts"],
@@ -190,6 +213,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &model,
         &chat,
         &candidates,
+        means.as_ref(),
         position,
         harmful_ids,
         harmless_ids,
@@ -252,17 +276,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let cfile = chosen_dir.join("direction.safetensors");
     let kfile = chosen_dir.join("kernel.json");
     let p = &trial.params;
+    let trial_candidates = ev.candidates(p)?;
+    // What the trial's directions come from, in words.
+    let from = if p.projected {
+        "find's candidates projected (each without its component along the harmless mean of its site, \
+         `means.safetensors`)"
+    } else {
+        "find's candidates"
+    };
     let mut md = serde_json::Map::new();
     let source = if p.per_layer {
         format!(
-            "abliterate optimize: trial {}, per-layer directions: block l takes find's candidate of the residual it \
-             writes into at position {position} (heretic's per-layer scope, docs/variants.md)",
+            "abliterate optimize: trial {}, per-layer directions: block l takes the candidate of the residual it \
+             writes into at position {position}, of {from} (heretic's per-layer scope, docs/variants.md)",
             trial.number
         )
     } else {
         format!(
-            "abliterate optimize: trial {}, direction index {} between find's candidates at position {position} \
-             (heretic's interpolation, docs/variants.md)",
+            "abliterate optimize: trial {}, direction index {} between {from} at position {position} (heretic's \
+             interpolation, docs/variants.md)",
             trial.number, p.index
         )
     };
@@ -270,19 +302,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ("source", source),
         ("direction_scope", p.scope().to_string()),
         ("direction_index", p.index.to_string()),
+        ("projected", p.projected.to_string()),
         ("position", position.to_string()),
         ("trial", trial.number.to_string()),
-        ("candidates_sha256", candidates.sha256.clone()),
+        ("candidates_sha256", trial_candidates.sha256.clone()),
         ("model_sha256", meta.model_sha256.clone()),
         ("abliterate_version", env!("CARGO_PKG_VERSION").to_string()),
     ] {
         md.insert(k.into(), Value::String(v));
     }
     if p.per_layer {
-        let (rows, _) = direction::derive::per_layer(&candidates, position).map_err(anyhow::Error::msg)?;
+        let (rows, _) = direction::derive::per_layer(trial_candidates, position).map_err(anyhow::Error::msg)?;
         direction::set::write_per_layer(&cfile, &rows, layers, 1, None, checkpoint::Dtype::F64, &md)
     } else {
-        direction::write(&cfile, &ev.direction(p.index)?, checkpoint::Dtype::F64, &md)
+        direction::write(&cfile, &ev.direction(p)?, checkpoint::Dtype::F64, &md)
     }
     .with_context(|| format!("writing `{}`", cfile.display()))?;
     let table = serde_json::to_string_pretty(&p.kernel_table(layers))? + "\n";
@@ -346,14 +379,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     let direction_row = if p.per_layer {
         format!(
-            "each decoder block's own: block l takes find's candidate of the residual it writes into (l + 1; the last \
-             block the last candidate, the embedding block 0's) at position {position}, heretic's per-layer scope \
-             (`../chosen/direction.safetensors`, per-layer file, sha256 `{}`)",
+            "each decoder block's own: block l takes the candidate of the residual it writes into (l + 1; the last \
+             block the last candidate, the embedding block 0's) at position {position}, of {from}, heretic's per-layer \
+             scope (`../chosen/direction.safetensors`, per-layer file, sha256 `{}`)",
             directions.sha256
         )
     } else {
         format!(
-            "`normalize((1 − t) r̂_a + t r̂_b)` of find's candidates at position {position}, index {} \
+            "`normalize((1 − t) r̂_a + t r̂_b)` of {from} at position {position}, index {} \
              (`../chosen/direction.safetensors`, sha256 `{}`)",
             p.index, directions.sha256
         )
@@ -401,16 +434,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         made_by: "abliterate optimize",
         direction: if p.per_layer {
             format!(
-                "heretic's per-layer scope: each decoder block's writers are orthogonalized against `find`'s candidate \
-                 (harmful minus harmless mean residual) of the residual the block writes into, at position {position}; \
-                 file `../chosen/direction.safetensors` (per-layer, sha256 `{}`).",
+                "heretic's per-layer scope: each decoder block's writers are orthogonalized against the candidate \
+                 (harmful minus harmless mean residual) of the residual the block writes into, at position {position}, \
+                 of {from}; file `../chosen/direction.safetensors` (per-layer, sha256 `{}`).",
                 directions.sha256
             )
         } else {
             format!(
-                "heretic's fractional direction index {} between `find`'s candidates (harmful minus harmless mean \
-                 residuals) at position {position}: the normalised interpolation of the unit candidates entering \
-                 layers {} and {}; file `../chosen/direction.safetensors` (sha256 `{}`).",
+                "heretic's fractional direction index {} between the candidates (harmful minus harmless mean \
+                 residuals) at position {position}, of {from}: the normalised interpolation of the unit candidates \
+                 entering layers {} and {}; file `../chosen/direction.safetensors` (sha256 `{}`).",
                 p.index,
                 p.index.floor(),
                 p.index.floor() + 1.0,
