@@ -10,7 +10,8 @@
 //! score trials, 64 new tokens, the model's own default system prompt, seed 0. Each tool's trial is chosen by
 //! optimize's rule (the fewest refusals with KL <= `--max-kl`, then the smallest KL; `compare_driver.py`
 //! makes heretic and abliterix choose so). A step whose `DIR/STEP/step.json` exists is not run again (delete
-//! the folder to redo it), so the steps may also be run one at a time with `--steps`. Nothing of the tools is
+//! the folder to redo it; in `verify`, each tool's report is kept where it is newer than the tool's
+//! model), so the steps may also be run one at a time with `--steps`. Nothing of the tools is
 //! committed: the venv and everything they write stay under `target/`.
 
 use std::fmt::Write as _;
@@ -292,6 +293,8 @@ fn verify_all(cx: &Ctx) -> Result<()> {
     let dir = cx.dir.join("verify");
     std::fs::create_dir_all(&dir)?;
     let val = cx.root.join("../shared/datasets/refusal_direction/splits/harmful_val.json");
+    // A verify whose report is newer than the edited model is kept (delete `verify/NAME` to redo it), so that a
+    // tool run later is verified without measuring the others again.
     let mut seconds = serde_json::Map::new();
     for tool in ["run", "optimize", "heretic", "abliterix"] {
         let Some(edited) = edited(cx, tool) else { continue };
@@ -301,6 +304,14 @@ fn verify_all(cx: &Ctx) -> Result<()> {
         }
         for (name, extra) in runs {
             let out = dir.join(&name);
+            let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let fresh = modified(&out.join("report.json"))
+                .zip(modified(&edited.join("config.json")))
+                .is_some_and(|(report, model)| report > model);
+            if fresh {
+                seconds.insert(name, json!("kept: its report is newer than the model"));
+                continue;
+            }
             let cmd = format!(
                 "nice -n 10 {} verify {} {} {extra} -o {} --force --json > /dev/null 2> {}",
                 cx.bin.display(),
