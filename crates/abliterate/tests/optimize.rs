@@ -46,6 +46,27 @@ fn trials(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// verify compared optimize's chosen checkpoint with the edit's own hooks (its directions, its kernel's
+/// scales; `verify::equivalence::plan_hooks`): equal up to the bf16 rounding of the edited weights (the tiny
+/// `run`'s 5.8e-3 with one direction), except a norm-preserving edit, which says why not.
+fn assert_own_hooks(v: &Value) {
+    let eq = &v["report"]["equivalence"];
+    let hooks = eq["hooks"].as_str().unwrap();
+    assert!(hooks.starts_with("the edit's own writes (`edit::Plan::write_ops`)"), "{eq}");
+    let per_layer = v["chosen"]["params"]["direction_scope"] == "per_layer";
+    assert_eq!(hooks.contains("against its own block's direction"), per_layer, "{eq}");
+    let kinds: Vec<&str> = eq["caveats"].as_array().unwrap().iter().map(|c| c["kind"].as_str().unwrap()).collect();
+    let max = eq["result"]["max"].as_f64().unwrap();
+    if v["chosen"]["params"]["norm_preserving"] == true {
+        // Its columns were rescaled, which no hook does: stated, and a difference well above the rounding.
+        assert_eq!(kinds, ["norm_preserving", "rounding"], "{eq}");
+        assert!(max > 2e-2 && max < 0.5, "{eq}");
+    } else {
+        assert_eq!(kinds, ["rounding"], "{eq}");
+        assert!(max < 2e-2, "{eq}");
+    }
+}
+
 #[test]
 fn optimize_searches_chooses_edits_and_verifies_and_a_resumed_search_equals_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -59,6 +80,7 @@ fn optimize_searches_chooses_edits_and_verifies_and_a_resumed_search_equals_an_u
         (v["trials"].as_u64(), v["new_trials"].as_u64(), v["resumed"].as_bool()),
         (Some(6), Some(6), Some(false))
     );
+    assert_own_hooks(&v);
 
     // Interrupted after 3 trials (a run of 3), then the same command with 6: it runs only the missing 3.
     let r = optimize(&b, 3, &["--max-kl", "10"]);
@@ -218,6 +240,7 @@ fn a_chosen_per_layer_trial_is_written_as_a_per_layer_file_and_reproduced_by_edi
     }
     let card = std::fs::read_to_string(out.join("model/README.md")).unwrap();
     assert!(card.contains("heretic's per-layer scope"), "{card}");
+    assert_own_hooks(&v);
 
     let by_hand = tmp.path().join("by-hand");
     let mut args = vec![
@@ -289,6 +312,7 @@ fn projected_trials_take_find_candidates_without_their_harmless_mean_component()
         let want: Vec<f64> = mix.iter().map(|x| x / n).collect();
         assert!(close(chosen.single.as_ref().unwrap().values.as_slice(), &want), "index {index}");
     }
+    assert_own_hooks(&v);
     let bytes = std::fs::read(out.join("chosen/direction.safetensors")).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();

@@ -18,11 +18,10 @@
 //! norm-preserving trial's numbers are those of its hook, and `verify` of the chosen edit measures the edit.
 
 use chat::Chat;
-use checkpoint::Site as WriterSite;
 use direction::{Candidates, Direction, Directions};
 use eval::score::KlBase;
 use eval::{BatchOptions, CompleteOptions, Judge, Prompts};
-use model::{Interventions, Model, NoHook, Site};
+use model::{Interventions, Model, NoHook};
 
 use crate::pareto::Score;
 use crate::space::Params;
@@ -150,24 +149,13 @@ impl<'a> Evaluator<'a> {
         Ok(Directions::single(d, self.model.arch().layers))
     }
 
-    /// The hooks that equal the trial's edit (up to the norm-preserving caveat in the module docs).
-    pub fn hooks(&self, p: &Params) -> Result<Interventions> {
+    /// The hooks that equal the trial's edit (up to the norm-preserving caveat in the module docs), and
+    /// whether they are plain projections at scale 1 ([`verify::equivalence::plan_hooks`]).
+    pub fn hooks(&self, p: &Params) -> Result<(Interventions, bool)> {
         let ckpt = self.model.checkpoint();
-        let layers = ckpt.config.num_hidden_layers;
         let opts = edit::Options { norm_preserving: p.norm_preserving, kernel: p.kernel(), ..edit::Options::default() };
         let plan = edit::plan(ckpt, &opts)?;
-        let bases = plan.bases(ckpt, &self.directions(p)?)?;
-        let mut hooks = Interventions::new(layers, self.model.arch().hidden);
-        for w in plan.write_ops(&bases) {
-            let (layer, site) = match (w.layer, w.site) {
-                (None, _) => (0, Site::Input),
-                (Some(l), Some(WriterSite::Attn)) => (l, Site::Attn),
-                (Some(l), Some(WriterSite::Mlp)) => (l, Site::Mlp),
-                (Some(l), None) => return Err(Error::Space(format!("a writer of layer {l} has no site"))),
-            };
-            hooks.project_basis(layer, site, w.basis.as_slice(), w.scale, w.norm_preserving)?;
-        }
-        Ok(hooks)
+        Ok(verify::equivalence::plan_hooks(ckpt, &plan, &self.directions(p)?)?)
     }
 
     /// Measures one trial. `prior`: the exact scores of earlier trials; once the harmful refusals reach
@@ -175,7 +163,7 @@ impl<'a> Evaluator<'a> {
     /// completions stop (exact pruning: such a trial is neither on the front nor chosen) and the outcome
     /// is marked pruned, its refusal counts lower bounds.
     pub fn evaluate(&self, p: &Params, prior: &[Score]) -> Result<Outcome> {
-        let mut hooks = self.hooks(p)?;
+        let (mut hooks, _) = self.hooks(p)?;
         let mut kls = Vec::with_capacity(self.base.len());
         self.harmless.last_logits(self.model, &mut hooks, &mut |i, z| {
             kls.push(self.base[i].kl(z));

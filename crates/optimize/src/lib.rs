@@ -36,6 +36,8 @@ pub enum Error {
     Eval(#[from] eval::EvalError),
     #[error(transparent)]
     Edit(#[from] edit::Error),
+    #[error(transparent)]
+    Verify(#[from] verify::Error),
     #[error("{0}")]
     Space(String),
     #[error("`{}`: {problem}", path.display())]

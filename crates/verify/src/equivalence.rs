@@ -65,6 +65,34 @@ impl Claim {
     }
 }
 
+/// The hooks that equal an edit plan with its directions, on the original model: each planned write
+/// (`edit::Plan::write_ops`) becomes a projection of the same basis with the same scale and norm rule at the
+/// site it writes to (the embedding's at the residual entering layer 0). Exact for layer kernels, per-layer
+/// directions and subspaces; a norm-preserving plan's hooks restore each whole write's norm, which its
+/// weights do not (docs/variants.md). Also returns whether every hook is a plain projection at scale 1
+/// (idempotent, so the along/besides split of [`equivalence`] applies).
+pub fn plan_hooks(
+    ckpt: &checkpoint::Checkpoint,
+    plan: &edit::Plan,
+    directions: &direction::Directions,
+) -> Result<(Interventions, bool)> {
+    let layers = ckpt.config.num_hidden_layers;
+    let bases = plan.bases(ckpt, directions).map_err(|e| Error::Input(format!("the edit's hooks: {e}")))?;
+    let mut hooks = Interventions::new(layers, ckpt.config.hidden_size);
+    let mut idempotent = true;
+    for w in plan.write_ops(&bases) {
+        let (layer, site) = match (w.layer, w.site) {
+            (None, _) => (0, Site::Input),
+            (Some(l), Some(checkpoint::Site::Attn)) => (l, Site::Attn),
+            (Some(l), Some(checkpoint::Site::Mlp)) => (l, Site::Mlp),
+            (Some(l), None) => return Err(Error::Input(format!("a writer of layer {l} has no site"))),
+        };
+        hooks.project_basis(layer, site, w.basis.as_slice(), w.scale, w.norm_preserving)?;
+        idempotent &= w.scale == 1.0 && !w.norm_preserving;
+    }
+    Ok((hooks, idempotent))
+}
+
 /// Why an edited checkpoint cannot equal its hooks exactly (method.md §6-7).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -79,6 +107,9 @@ pub enum Caveat {
     /// An edit variant of issue 15 (norm-preserving writers, per-layer scales from a layer kernel, several
     /// directions) whose hooks this check does not build: it compares with one projection per write.
     Variant { what: String },
+    /// A norm-preserving edit compared with its own plan's hooks: the weights restore each written column's
+    /// norm, the hooks each whole write's; no hook at a residual-stream site rescales columns.
+    NormPreserving,
     /// The edited weights are rounded once to their stored dtype; the hooks project in f32. The difference
     /// is of the order of the dtype's unit roundoff, `2^-8` for bf16.
     Rounding { dtype: String, unit_roundoff: f64 },
@@ -105,6 +136,11 @@ impl Caveat {
                 "{what}: the hooks compared here are one projection of r̂ per edited write with one scale, which is \
                  not this edit (docs/variants.md), so the difference is expected"
             ),
+            Caveat::NormPreserving => "norm-preserving edit: its weights restore the norm of each written column \
+                                       (each input feature of the write), the hooks that of each whole write; no \
+                                       hook on the residual stream rescales columns (docs/variants.md), so the \
+                                       difference is expected"
+                .to_string(),
             Caveat::Rounding { dtype, unit_roundoff } => format!(
                 "the edited weights are stored in {dtype} (unit roundoff {unit_roundoff:.1e}); the hooks project in \
                  f32, so the two differ by the rounding of every edited weight"

@@ -19,7 +19,7 @@ use eval::{CompleteOptions, Judge, PromptSet};
 use model::{Finish, Hook, Interventions, Model, NoHook, Record};
 use serde_json::json;
 
-use crate::equivalence::{Claim, equivalence};
+use crate::equivalence::{Caveat, Claim, equivalence};
 use crate::gate::{Gates, Measured};
 use crate::manifest::EditRecord;
 use crate::report::{Arm, Completion, Damage, DirectionInfo, EquivalenceReport, Induced, Report, SetReport, Source};
@@ -66,6 +66,21 @@ pub struct Direction {
     pub info: DirectionInfo,
 }
 
+/// The hooks an edit equals, built by the caller from the edit's own plan (`edit::Plan::write_ops`, the
+/// hooks `optimize` measures its trials with): for edits that one direction and one scale cannot state
+/// (layer kernels, per-layer directions, subspaces), whose manifest claim would only give a
+/// [`crate::equivalence::Caveat::Variant`]. The equivalence check then compares the checkpoint with these.
+#[derive(Clone)]
+pub struct EditHooks {
+    pub hooks: Interventions,
+    /// Projections at scale 1 only (idempotent): the along/besides split applies.
+    pub idempotent: bool,
+    /// What the hooks are, for the report.
+    pub what: String,
+    /// Where they still differ from the edit by design ([`Caveat::NormPreserving`]).
+    pub caveat: Option<Caveat>,
+}
+
 /// What is compared with the original.
 pub enum Subject<'a> {
     /// An edited checkpoint, with its manifest if it has one.
@@ -96,6 +111,9 @@ pub struct Inputs<'a> {
     pub refusal_tokens: Option<Vec<u32>>,
     /// Settings to record (system prompt, template, command), merged into the report's.
     pub settings: serde_json::Value,
+    /// The edit's own hooks for the equivalence check (None: the hooks its manifest claims, which need
+    /// `direction`).
+    pub edit_hooks: Option<EditHooks>,
 }
 
 /// Progress by stage: `stage(name, total)` then `advance(done)` with the count done so far.
@@ -164,8 +182,8 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let first = Record { first_logits: true, logprobs: false };
     let on_record = Record { first_logits: true, logprobs: opts.cross_entropy };
     let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
-    let equivalence_input = match (&inputs.subject, &inputs.direction) {
-        (Subject::Edited { model, record, .. }, Some(d)) => Some((*model, record, d)),
+    let equivalence_input = match (&inputs.subject, &inputs.direction, &inputs.edit_hooks) {
+        (Subject::Edited { model, record, .. }, d, h) if d.is_some() || h.is_some() => Some((*model, record, d)),
         _ => None,
     };
     let k_equivalence = opts.equivalence_prompts.max(1);
@@ -272,18 +290,27 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                         .chain(inputs.harmless.ids.iter().take(k_equivalence))
                         .cloned()
                         .collect();
-                    let (claim, caveats) = match record {
+                    let (claim, mut caveats) = match record {
                         Some(r) => (r.claim.clone(), r.caveats.clone()),
                         None => (Claim::full(layers), Vec::new()),
                     };
-                    let mut hooks = claim.hooks(layers, &d.values)?;
+                    // The edit's own hooks replace the claim's one-direction, one-scale hooks, and with them
+                    // the caveat that those are not this edit.
+                    let (mut hooks, split, what) = match (&inputs.edit_hooks, d) {
+                        (Some(h), _) => {
+                            caveats.retain(|c| !matches!(c, Caveat::Variant { .. }));
+                            caveats.splice(0..0, h.caveat.clone());
+                            (h.hooks.clone(), h.idempotent, Some(h.what.clone()))
+                        }
+                        (None, Some(d)) => (claim.hooks(layers, &d.values)?, claim.scale == 1.0, None),
+                        (None, None) => unreachable!("equivalence_input needs a direction or the edit's hooks"),
+                    };
                     let b = opts.batch_size.clamp(1, 16);
                     let mut ticker = tick.counter();
-                    let result =
-                        equivalence(original, model, &mut hooks, claim.scale == 1.0, &prompts, b, &mut |n| ticker(n))?;
+                    let result = equivalence(original, model, &mut hooks, split, &prompts, b, &mut |n| ticker(n))?;
                     seconds.insert("equivalence".to_string(), t.elapsed().as_secs_f64());
                     let caveat_notes = caveats.iter().map(|c| c.describe()).collect();
-                    Some(EquivalenceReport { claim, caveats, caveat_notes, result })
+                    Some(EquivalenceReport { claim, hooks: what, caveats, caveat_notes, result })
                 }
                 None => None,
             };

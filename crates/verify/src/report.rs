@@ -164,6 +164,9 @@ pub struct Damage {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EquivalenceReport {
     pub claim: Claim,
+    /// The hooks compared, where the caller gave the edit's own ([`crate::measure::EditHooks`]); None: the
+    /// claim's.
+    pub hooks: Option<String>,
     pub caveats: Vec<Caveat>,
     /// One line per caveat (for humans).
     pub caveat_notes: Vec<String>,
@@ -386,6 +389,9 @@ impl Report {
             r.prompts
         )
         .unwrap();
+        if let Some(h) = &eq.hooks {
+            writeln!(md, "The hooks: {h}.\n").unwrap();
+        }
         if eq.caveats.is_empty() {
             writeln!(md, "Expected to hold up to f32 rounding: nothing in this edit breaks the equivalence.\n")
                 .unwrap();

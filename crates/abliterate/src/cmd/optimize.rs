@@ -335,6 +335,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &edit::NoProgress,
     )?;
     let edit_seconds = t.elapsed().as_secs_f64();
+    // The hooks this edit equals, from the same plan and directions: verify's equivalence check.
+    let (edit_hooks, idempotent) = verify::equivalence::plan_hooks(ckpt, &plan, &directions)?;
 
     // verify the chosen edit.
     let t = Instant::now();
@@ -362,6 +364,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "system": formatter.system(),
             "template": formatter.template()?,
             "command": std::env::args().collect::<Vec<_>>(),
+        }),
+        edit_hooks: Some(measure::EditHooks {
+            hooks: edit_hooks,
+            idempotent,
+            what: format!(
+                "the edit's own writes (`edit::Plan::write_ops`): each edited writer's output projected with its \
+                 layer's kernel weight as its scale{}",
+                if p.per_layer { ", against its own block's direction" } else { "" }
+            ),
+            caveat: p.norm_preserving.then_some(verify::equivalence::Caveat::NormPreserving),
         }),
     };
     let vopts = measure::Options {

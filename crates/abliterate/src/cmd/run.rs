@@ -280,6 +280,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "template": formatter.template()?,
             "command": std::env::args().collect::<Vec<_>>(),
         }),
+        edit_hooks: None,
     };
     let gates = verify_cmd::gates(&args.verify);
     let report = measure::verify(

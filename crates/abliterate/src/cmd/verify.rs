@@ -335,6 +335,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "template": formatter.template()?,
             "command": std::env::args().collect::<Vec<_>>(),
         }),
+        edit_hooks: None,
     };
     let gates = gates(&args.opts);
     let mut bars = Bars::new();

@@ -1,7 +1,9 @@
 //! The hook side of every edit variant (docs/variants.md): an edited f32 fixture against the original run
-//! with the hooks its plan describes ([`edit::Plan::write_ops`] -> `model::Interventions::project_basis` at
-//! each edited write), compared on the residual entering every block and the final residual, as `verify`'s
-//! equivalence check does it (`max ||h_edit − h_hook|| / ||h_hook||` over prompts and positions).
+//! with the hooks its plan describes ([`verify::equivalence::plan_hooks`]: [`edit::Plan::write_ops`] ->
+//! `model::Interventions::project_basis` at each edited write; what `optimize` measures trials with and
+//! `verify` compares its chosen edit with), compared on the residual entering every block and the final
+//! residual, as `verify`'s equivalence check does it (`max ||h_edit − h_hook|| / ||h_hook||` over prompts and
+//! positions).
 //!
 //! Where the edit is a projection of the residual-stream writes (subspaces, per-layer directions, layer
 //! kernels, weights of 0, experts), the two agree to f32 rounding. Norm-preserving edits of weight matrices
@@ -48,22 +50,6 @@ fn write_per_layer(dir: &Path, d: usize, layers: usize) -> PathBuf {
     let e = raw(d, 40);
     direction::set::write_per_layer(&p, &v, layers, 1, Some((&e, 1)), Dtype::F32, &Map::new()).unwrap();
     p
-}
-
-/// The hooks an edit's plan describes.
-fn hooks_of(ckpt: &Checkpoint, plan: &edit::Plan, directions: &Directions, hidden: usize) -> Interventions {
-    let bases = plan.bases(ckpt, directions).unwrap();
-    let mut hooks = Interventions::new(ckpt.config.num_hidden_layers, hidden);
-    for w in plan.write_ops(&bases) {
-        let (layer, site) = match (w.layer, w.site) {
-            (None, _) => (0, Site::Input),
-            (Some(l), Some(WriterSite::Attn)) => (l, Site::Attn),
-            (Some(l), Some(WriterSite::Mlp)) => (l, Site::Mlp),
-            (Some(_), None) => unreachable!("a layer's writer has a site"),
-        };
-        hooks.project_basis(layer, site, w.basis.as_slice(), w.scale, w.norm_preserving).unwrap();
-    }
-    hooks
 }
 
 /// The residual entering every block and the final one, for every prompt.
@@ -124,7 +110,11 @@ fn run(family: &str, direction_file: Option<&Path>, opts: &Options) -> Outcome {
     edit::write_directions(&ckpt, &plan, &directions, &out, &WriteOptions::default(), &NoProgress).unwrap();
     let original = Model::open(&src).unwrap();
     let edited = Model::open(&out).unwrap();
-    let mut hooks = hooks_of(&ckpt, &plan, &directions, d);
+    let (mut hooks, idempotent) = verify::equivalence::plan_hooks(&ckpt, &plan, &directions).unwrap();
+    assert_eq!(
+        idempotent,
+        !opts.norm_preserving && plan.write_ops(&plan.bases(&ckpt, &directions).unwrap()).iter().all(|w| w.scale == 1.0)
+    );
     let hooked = residuals(&original, &mut hooks);
     let plain = residuals(&edited, &mut NoHook);
     // The same writes projected again on the edited model (no norm restoring: that is not idempotent).
