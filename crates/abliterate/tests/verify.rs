@@ -129,3 +129,53 @@ fn verify_errors_name_the_problem() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("is not the one") && r.stderr.contains("was edited with"), "{}", r.stderr);
 }
+
+/// An edit that one direction and one scale cannot state (per-layer directions, a layer kernel, norm
+/// preservation) is compared with its own hooks, rebuilt from its manifest's options and the direction file:
+/// on the f32 fixture they agree to f32 rounding, except the norm-preserving edit, which says why not.
+#[test]
+fn a_variant_edit_is_compared_with_its_own_hooks_rebuilt_from_its_manifest() {
+    let m = model();
+    let tmp = tempfile::tempdir().unwrap();
+    let per_layer = tmp.path().join("per_layer.safetensors");
+    let rows: Vec<f64> = (0..2 * 64).map(|i| ((i * 31 % 23) as f64 / 7.0 - 1.5) + (i as f64 * 0.05).sin()).collect();
+    direction::set::write_per_layer(&per_layer, &rows, 2, 1, None, checkpoint::Dtype::F32, &Default::default())
+        .unwrap();
+    let table = tmp.path().join("kernel.json");
+    std::fs::write(&table, r#"{"attn": [1.2, 0.7], "mlp": [0.8, 0.0], "embedding": 0.5}"#).unwrap();
+    for norm_preserving in [false, true] {
+        let e = tmp.path().join(format!("edited-{norm_preserving}"));
+        let mut args = vec!["edit", &m, "--direction", s(&per_layer), "--kernel-table", s(&table), "-o", s(&e)];
+        if norm_preserving {
+            args.push("--norm-preserving");
+        }
+        let r = abliterate(&args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let mut args = vec!["verify", &m, s(&e), "--direction", s(&per_layer), "--json", "--no-cross-entropy"];
+        args.extend(QUICK);
+        let r = abliterate(&args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let j: Value = serde_json::from_str(&r.stdout).unwrap();
+        let eq = &j["equivalence"];
+        assert!(eq["hooks"].as_str().unwrap().starts_with("the edit's own writes, rebuilt from its recorded options"));
+        let max = eq["result"]["max"].as_f64().unwrap();
+        if norm_preserving {
+            assert_eq!(eq["caveats"][0]["kind"], "norm_preserving", "{eq}");
+            assert!(max > 1e-4, "{eq}");
+        } else {
+            assert_eq!(eq["caveats"], serde_json::json!([]), "{eq}");
+            assert!(max <= 1e-5, "{eq}");
+        }
+        assert!(j["induced"].is_null(), "per-layer directions have no single direction to add");
+    }
+    // A preview on hooks needs one direction.
+    let r = abliterate(["verify", &m, "--direction", s(&per_layer)]);
+    assert_eq!(r.code, 2);
+    assert_eq!(
+        r.stderr.trim(),
+        format!(
+            "error: direction file `{}` holds per_layer directions: a preview on hooks needs one direction",
+            per_layer.display()
+        )
+    );
+}

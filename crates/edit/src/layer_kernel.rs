@@ -95,6 +95,19 @@ impl Profile {
         }
     }
 
+    /// The inverse of the manifest's form (`{"tent": {...}}` or `{"table": [...]}`).
+    fn from_json(v: &Value) -> std::result::Result<Profile, String> {
+        let num = |x: &Value, what: &str| x.as_f64().filter(|f| f.is_finite()).ok_or(format!("{what} is {x}, not a finite number"));
+        if let Some(t) = v.get("tent") {
+            let f = |k: &str| num(&t[k], &format!("tent `{k}`"));
+            return Ok(Profile::Tent(Tent { peak: f("peak")?, position: f("position")?, min: f("min")?, width: f("width")? }));
+        }
+        if let Some(w) = v.get("table").and_then(Value::as_array) {
+            return w.iter().enumerate().map(|(l, x)| num(x, &format!("table[{l}]"))).collect::<Result<_, _>>().map(Profile::Table);
+        }
+        Err(format!("{v} is neither {{\"tent\": ...}} nor {{\"table\": [...]}}"))
+    }
+
     fn to_json(&self) -> Value {
         match self {
             Profile::Tent(t) => {
@@ -169,6 +182,22 @@ impl LayerKernel {
             ),
         };
         Ok(LayerKernel { attn: list("attn")?, mlp: list("mlp")?, embedding })
+    }
+
+    /// The inverse of [`LayerKernel::to_json`] (null: the identity kernel).
+    pub fn from_json(v: &Value) -> std::result::Result<LayerKernel, String> {
+        if v.is_null() {
+            return Ok(LayerKernel::default());
+        }
+        let profile = |k: &str| match &v[k] {
+            Value::Null => Ok(None),
+            p => Profile::from_json(p).map(Some).map_err(|e| format!("`{k}`: {e}")),
+        };
+        let embedding = match &v["embedding"] {
+            Value::Null => None,
+            x => Some(x.as_f64().filter(|f| f.is_finite()).ok_or(format!("`embedding` is {x}, not a finite number"))?),
+        };
+        Ok(LayerKernel { attn: profile("attn")?, mlp: profile("mlp")?, embedding })
     }
 
     /// As recorded in `abliterate.json`.

@@ -9,7 +9,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::plan::Plan;
+use crate::plan::{LayerSet, Options, Plan};
+use crate::LayerKernel;
 use crate::{Direction, Directions};
 
 /// One file of the input or the output.
@@ -114,7 +115,11 @@ fn files(records: &[FileRecord]) -> Value {
 
 /// The options as recorded.
 pub fn options_json(plan: &Plan) -> Value {
-    let o = &plan.options;
+    options_to_json(&plan.options)
+}
+
+/// [`Options`] as recorded (`options` of `abliterate.json` and of `--dry-run --json`).
+pub fn options_to_json(o: &Options) -> Value {
     json!({
         "scale": o.scale,
         "layers": o.layers.as_ref().map(|l| l.spec().to_string()),
@@ -123,6 +128,33 @@ pub fn options_json(plan: &Plan) -> Value {
         "keep_tie": o.keep_tie,
         "norm_preserving": o.norm_preserving,
         "kernel": (!o.kernel.is_identity()).then(|| o.kernel.to_json()),
+    })
+}
+
+/// The inverse of [`options_to_json`]: the options an edit was made with, read back from its manifest (so
+/// that `verify` can rebuild the edit's plan and hooks). Every field is required; a bad one is named.
+pub fn options_from_json(v: &Value) -> std::result::Result<Options, String> {
+    let field = |k: &str| v.get(k).ok_or(format!("`options.{k}` is missing"));
+    let boolean = |k: &str| field(k)?.as_bool().ok_or(format!("`options.{k}` is not true or false"));
+    let scale = field("scale")?.as_f64().filter(|s| s.is_finite()).ok_or("`options.scale` is not a finite number")?;
+    let layers = match field("layers")? {
+        Value::Null => None,
+        Value::String(spec) => Some(spec.parse::<LayerSet>().map_err(|e| format!("`options.layers`: {e}"))?),
+        x => return Err(format!("`options.layers` is {x}, not a layer list or null")),
+    };
+    let exclude = field("exclude")?
+        .as_array()
+        .and_then(|xs| xs.iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .ok_or("`options.exclude` is not a list of strings")?;
+    let kernel = LayerKernel::from_json(field("kernel")?).map_err(|e| format!("`options.kernel`: {e}"))?;
+    Ok(Options {
+        scale,
+        layers,
+        skip_embeddings: boolean("skip_embeddings")?,
+        exclude,
+        keep_tie: boolean("keep_tie")?,
+        norm_preserving: boolean("norm_preserving")?,
+        kernel,
     })
 }
 
@@ -235,4 +267,39 @@ pub(crate) fn build(p: ManifestParts<'_>) -> Value {
         m.insert("previous_edit".into(), prev);
     }
     Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Profile, Tent};
+
+    #[test]
+    fn options_read_back_from_their_record_are_the_options() {
+        let o = Options {
+            scale: 0.75,
+            layers: Some("0-3,7".parse().unwrap()),
+            skip_embeddings: true,
+            exclude: vec!["*.bias".into()],
+            keep_tie: true,
+            norm_preserving: true,
+            kernel: LayerKernel {
+                attn: Some(Profile::Tent(Tent { peak: 1.25, position: 2.5, min: 0.1, width: 3.0 })),
+                mlp: Some(Profile::Table(vec![0.0, 0.5, 1.0 / 3.0])),
+                embedding: Some(0.2),
+            },
+        };
+        // Through the text of a manifest, as verify reads it.
+        let text = serde_json::to_string(&options_to_json(&o)).unwrap();
+        assert_eq!(options_from_json(&serde_json::from_str(&text).unwrap()).unwrap(), o);
+        let default = Options::default();
+        assert_eq!(options_from_json(&options_to_json(&default)).unwrap(), default);
+        // A bad field is named.
+        let mut v = options_to_json(&o);
+        v["kernel"]["attn"] = json!({"tent": {"peak": 1.0, "position": 2.0, "min": "x", "width": 1.0}});
+        assert_eq!(options_from_json(&v).unwrap_err(), "`options.kernel`: `attn`: tent `min` is \"x\", not a finite number");
+        let mut v = options_to_json(&o);
+        v.as_object_mut().unwrap().remove("keep_tie");
+        assert_eq!(options_from_json(&v).unwrap_err(), "`options.keep_tie` is missing");
+    }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::equivalence::{Caveat, Claim};
+use crate::measure::EditHooks;
 use crate::{Error, Result};
 
 /// The file `abliterate edit` writes into every edited model.
@@ -29,6 +30,8 @@ pub struct EditRecord {
     pub tie: String,
     /// Every edited tensor's name.
     pub edited: Vec<String>,
+    /// The options the edit was made with, as recorded (`edit::manifest::options_to_json`).
+    pub options: Value,
 }
 
 impl EditRecord {
@@ -139,7 +142,46 @@ impl EditRecord {
             direction_metadata,
             tie,
             edited: names,
+            options: m.get("options").cloned().unwrap_or(Value::Null),
         }))
+    }
+
+    /// Whether the claim's hooks (one direction, one scale) are not this edit: a layer kernel, several
+    /// directions or a norm-preserving edit ([`Caveat::Variant`]).
+    pub fn is_variant(&self) -> bool {
+        self.caveats.iter().any(|c| matches!(c, Caveat::Variant { .. }))
+    }
+
+    /// The edit's own hooks, rebuilt: its recorded options planned again on the original checkpoint (which
+    /// must plan the very tensors the manifest lists: it is the edit's source) with the direction file it
+    /// was edited with, turned into hooks by [`crate::equivalence::plan_hooks`].
+    pub fn hooks(&self, original: &checkpoint::Checkpoint, directions: &direction::Directions) -> Result<EditHooks> {
+        let bad = |problem: String| Error::Manifest { path: self.path.clone(), problem };
+        let options = edit::manifest::options_from_json(&self.options).map_err(bad)?;
+        let plan = edit::plan(original, &options).map_err(|e| bad(format!("its options do not plan on the original: {e}")))?;
+        let mut names: Vec<&str> = plan.edits.iter().map(|e| e.name.as_str()).collect();
+        let mut listed: Vec<&str> = self.edited.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        listed.sort_unstable();
+        if names != listed {
+            return Err(bad(format!(
+                "its options plan {} tensors on the original, not the {} it lists as edited: the original is not \
+                 the edit's source",
+                names.len(),
+                self.edited.len()
+            )));
+        }
+        let (hooks, idempotent) = crate::equivalence::plan_hooks(original, &plan, directions)?;
+        Ok(EditHooks {
+            hooks,
+            idempotent,
+            what: format!(
+                "the edit's own writes, rebuilt from its recorded options and direction file (`edit::Plan::write_ops`): \
+                 each edited writer's output projected with its recorded scale{}",
+                if directions.single.is_none() { ", against its layer's basis" } else { "" }
+            ),
+            caveat: options.norm_preserving.then_some(Caveat::NormPreserving),
+        })
     }
 
     /// Whether the edited checkpoint should equal its hooks up to f32 rounding.

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use chat::Chat;
-use direction::{Candidate, Direction};
+use direction::{Candidate, Direction, Directions};
 use eval::{Formatter, Judge, PromptSet, Split, System};
 use verify::measure::{self, Inputs, Set, Subject};
 use verify::report::DirectionInfo;
@@ -292,8 +292,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let arch = original.arch();
     let edited = args.edited.as_deref().map(|e| args.runtime.load(e)).transpose()?;
     let record = args.edited.as_deref().map(EditRecord::read).transpose()?.flatten();
-    let direction = args.direction.as_deref().map(|p| Direction::open(p, arch.hidden, args.candidate)).transpose()?;
-    if let (Some(r), Some(d)) = (&record, &direction)
+    // Any direction-like file: a per-layer or subspace one serves the equivalence check of the edit made
+    // with it; measures that need one direction (induced refusal, a preview on hooks) take a single one.
+    let directions = args
+        .direction
+        .as_deref()
+        .map(|p| Directions::open(p, arch.hidden, arch.layers, args.candidate))
+        .transpose()?;
+    let direction = match &directions {
+        Some(ds) if ds.single.is_none() && edited.is_none() => bail!(
+            "direction file `{}` holds {} directions: a preview on hooks needs one direction",
+            ds.path.display(),
+            ds.layout.label()
+        ),
+        Some(ds) => ds.single.clone(),
+        None => None,
+    };
+    if let (Some(r), Some(d)) = (&record, &directions)
         && r.direction_sha256 != d.sha256
     {
         bail!(
@@ -309,6 +324,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let refusal_tokens = match refusal_token_ids(&chat, &args.refusal_tokens)? {
         Some(ids) => Some(ids),
         None => direction.as_ref().and_then(recorded_refusal_tokens),
+    };
+    // An edit that one direction and one scale cannot state (a layer kernel, several directions, a
+    // norm-preserving edit) is compared with its own hooks, rebuilt from its manifest.
+    let edit_hooks = match (&record, &directions) {
+        (Some(r), Some(ds)) if r.is_variant() => Some(r.hooks(original.checkpoint(), ds)?),
+        _ => None,
     };
     let subject = match (&edited, &args.edited) {
         (Some(model), Some(path)) => {
@@ -335,7 +356,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "template": formatter.template()?,
             "command": std::env::args().collect::<Vec<_>>(),
         }),
-        edit_hooks: None,
+        edit_hooks,
     };
     let gates = gates(&args.opts);
     let mut bars = Bars::new();
