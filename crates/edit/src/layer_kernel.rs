@@ -97,13 +97,25 @@ impl Profile {
 
     /// The inverse of the manifest's form (`{"tent": {...}}` or `{"table": [...]}`).
     fn from_json(v: &Value) -> std::result::Result<Profile, String> {
-        let num = |x: &Value, what: &str| x.as_f64().filter(|f| f.is_finite()).ok_or(format!("{what} is {x}, not a finite number"));
+        let num = |x: &Value, what: &str| {
+            x.as_f64().filter(|f| f.is_finite()).ok_or(format!("{what} is {x}, not a finite number"))
+        };
         if let Some(t) = v.get("tent") {
             let f = |k: &str| num(&t[k], &format!("tent `{k}`"));
-            return Ok(Profile::Tent(Tent { peak: f("peak")?, position: f("position")?, min: f("min")?, width: f("width")? }));
+            return Ok(Profile::Tent(Tent {
+                peak: f("peak")?,
+                position: f("position")?,
+                min: f("min")?,
+                width: f("width")?,
+            }));
         }
         if let Some(w) = v.get("table").and_then(Value::as_array) {
-            return w.iter().enumerate().map(|(l, x)| num(x, &format!("table[{l}]"))).collect::<Result<_, _>>().map(Profile::Table);
+            return w
+                .iter()
+                .enumerate()
+                .map(|(l, x)| num(x, &format!("table[{l}]")))
+                .collect::<Result<_, _>>()
+                .map(Profile::Table);
         }
         Err(format!("{v} is neither {{\"tent\": ...}} nor {{\"table\": [...]}}"))
     }

@@ -9,8 +9,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::plan::{LayerSet, Options, Plan};
 use crate::LayerKernel;
+use crate::plan::{LayerSet, Options, Plan};
 use crate::{Direction, Directions};
 
 /// One file of the input or the output.
@@ -297,7 +297,10 @@ mod tests {
         // A bad field is named.
         let mut v = options_to_json(&o);
         v["kernel"]["attn"] = json!({"tent": {"peak": 1.0, "position": 2.0, "min": "x", "width": 1.0}});
-        assert_eq!(options_from_json(&v).unwrap_err(), "`options.kernel`: `attn`: tent `min` is \"x\", not a finite number");
+        assert_eq!(
+            options_from_json(&v).unwrap_err(),
+            "`options.kernel`: `attn`: tent `min` is \"x\", not a finite number"
+        );
         let mut v = options_to_json(&o);
         v.as_object_mut().unwrap().remove("keep_tie");
         assert_eq!(options_from_json(&v).unwrap_err(), "`options.keep_tie` is missing");

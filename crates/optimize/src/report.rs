@@ -59,10 +59,7 @@ fn write_md(md: &mut String, trials: &[Trial], c: &Context<'_>) -> std::fmt::Res
         "Kernels are `peak,position,min,width` (weight `peak` at layer `position`, falling linearly to `min` at \
          distance `width`, 0 beyond).\n"
     )?;
-    writeln!(
-        md,
-        "| trial | refusals | second judge | KL | direction | attn kernel | mlp kernel | norm-preserving |"
-    )?;
+    writeln!(md, "| trial | refusals | second judge | KL | direction | attn kernel | mlp kernel | norm-preserving |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for &i in &f {
         let t = &trials[i];

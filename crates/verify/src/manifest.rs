@@ -158,7 +158,8 @@ impl EditRecord {
     pub fn hooks(&self, original: &checkpoint::Checkpoint, directions: &direction::Directions) -> Result<EditHooks> {
         let bad = |problem: String| Error::Manifest { path: self.path.clone(), problem };
         let options = edit::manifest::options_from_json(&self.options).map_err(bad)?;
-        let plan = edit::plan(original, &options).map_err(|e| bad(format!("its options do not plan on the original: {e}")))?;
+        let plan =
+            edit::plan(original, &options).map_err(|e| bad(format!("its options do not plan on the original: {e}")))?;
         let mut names: Vec<&str> = plan.edits.iter().map(|e| e.name.as_str()).collect();
         let mut listed: Vec<&str> = self.edited.iter().map(String::as_str).collect();
         names.sort_unstable();

@@ -113,7 +113,8 @@ fn run(family: &str, direction_file: Option<&Path>, opts: &Options) -> Outcome {
     let (mut hooks, idempotent) = verify::equivalence::plan_hooks(&ckpt, &plan, &directions).unwrap();
     assert_eq!(
         idempotent,
-        !opts.norm_preserving && plan.write_ops(&plan.bases(&ckpt, &directions).unwrap()).iter().all(|w| w.scale == 1.0)
+        !opts.norm_preserving
+            && plan.write_ops(&plan.bases(&ckpt, &directions).unwrap()).iter().all(|w| w.scale == 1.0)
     );
     let hooked = residuals(&original, &mut hooks);
     let plain = residuals(&edited, &mut NoHook);

@@ -159,8 +159,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .meta("position")
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("direction file `{}` has no `position` metadata", dfile.display()))?;
-    let space =
-        Space::new(layers, position, optimize::evaluate::first_usable(&candidates, position), args.projected)?;
+    let space = Space::new(layers, position, optimize::evaluate::first_usable(&candidates, position), args.projected)?;
     let means = match args.projected {
         optimize::Projection::Off => None,
         _ => {

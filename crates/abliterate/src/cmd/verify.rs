@@ -294,11 +294,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let record = args.edited.as_deref().map(EditRecord::read).transpose()?.flatten();
     // Any direction-like file: a per-layer or subspace one serves the equivalence check of the edit made
     // with it; measures that need one direction (induced refusal, a preview on hooks) take a single one.
-    let directions = args
-        .direction
-        .as_deref()
-        .map(|p| Directions::open(p, arch.hidden, arch.layers, args.candidate))
-        .transpose()?;
+    let directions =
+        args.direction.as_deref().map(|p| Directions::open(p, arch.hidden, arch.layers, args.candidate)).transpose()?;
     let direction = match &directions {
         Some(ds) if ds.single.is_none() && edited.is_none() => bail!(
             "direction file `{}` holds {} directions: a preview on hooks needs one direction",
