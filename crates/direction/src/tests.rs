@@ -200,7 +200,7 @@ fn projected_candidates_lose_their_harmless_mean_component_site_by_site() {
     let dir = tempfile::tempdir().unwrap();
     let c = Candidates::load(&candidates_file(dir.path()), 2).unwrap();
     // Means: e0 everywhere but (-1, 1), where e1; layer 0's candidates are zero and stay so.
-    let mut means = vec![1.0, 0.0].repeat(6);
+    let mut means = [1.0, 0.0].repeat(6);
     means[2 * 4..2 * 4 + 2].copy_from_slice(&[0.0, 2.0]);
     let mp = dir.path().join("means.safetensors");
     Candidates::write_named(&mp, MEANS_TENSOR, &means, &[-2, -1], 3, Dtype::F64, &Map::new()).unwrap();
