@@ -81,6 +81,15 @@ pub struct EditHooks {
     pub caveat: Option<Caveat>,
 }
 
+/// The hooks an edited checkpoint is compared with.
+#[derive(Clone, Copy)]
+enum Against<'a> {
+    /// The edit's own ([`EditHooks`]).
+    Own(&'a EditHooks),
+    /// Those its manifest claims, for the direction.
+    Claim(&'a Direction),
+}
+
 /// What is compared with the original.
 pub enum Subject<'a> {
     /// An edited checkpoint, with its manifest if it has one.
@@ -182,8 +191,10 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let first = Record { first_logits: true, logprobs: false };
     let on_record = Record { first_logits: true, logprobs: opts.cross_entropy };
     let induce_at = inputs.direction.as_ref().and_then(|d| d.layer.map(|l| (d, l))).filter(|_| opts.induce);
-    let equivalence_input = match (&inputs.subject, &inputs.direction, &inputs.edit_hooks) {
-        (Subject::Edited { model, record, .. }, d, h) if d.is_some() || h.is_some() => Some((*model, record, d)),
+    // What the edited checkpoint is compared with: the edit's own hooks, else its claim's for the direction.
+    let equivalence_input = match (&inputs.subject, &inputs.edit_hooks, &inputs.direction) {
+        (Subject::Edited { model, record, .. }, Some(h), _) => Some((*model, record, Against::Own(h))),
+        (Subject::Edited { model, record, .. }, None, Some(d)) => Some((*model, record, Against::Claim(d))),
         _ => None,
     };
     let k_equivalence = opts.equivalence_prompts.max(1);
@@ -280,7 +291,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
             let g_sn = generate(&format!("{label} harmless"), &inputs.harmless, copts(first, false))?;
             // Equivalence: only an edited checkpoint with its direction can be compared with its hooks.
             let equivalence_report = match equivalence_input {
-                Some((model, record, d)) => {
+                Some((model, record, against)) => {
                     let t = Instant::now();
                     let prompts: Vec<Vec<u32>> = inputs
                         .harmful
@@ -296,14 +307,13 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                     };
                     // The edit's own hooks replace the claim's one-direction, one-scale hooks, and with them
                     // the caveat that those are not this edit.
-                    let (mut hooks, split, what) = match (&inputs.edit_hooks, d) {
-                        (Some(h), _) => {
+                    let (mut hooks, split, what) = match against {
+                        Against::Own(h) => {
                             caveats.retain(|c| !matches!(c, Caveat::Variant { .. }));
                             caveats.splice(0..0, h.caveat.clone());
                             (h.hooks.clone(), h.idempotent, Some(h.what.clone()))
                         }
-                        (None, Some(d)) => (claim.hooks(layers, &d.values)?, claim.scale == 1.0, None),
-                        (None, None) => unreachable!("equivalence_input needs a direction or the edit's hooks"),
+                        Against::Claim(d) => (claim.hooks(layers, &d.values)?, claim.scale == 1.0, None),
                     };
                     let b = opts.batch_size.clamp(1, 16);
                     let mut ticker = tick.counter();
