@@ -46,6 +46,16 @@ fn trials(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The position of `OUT/find`'s direction: the candidates' position the trials use.
+fn find_position(out: &Path, hidden: usize) -> i64 {
+    direction::Direction::load(&out.join("find/direction.safetensors"), hidden)
+        .unwrap()
+        .meta("position")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// verify compared optimize's chosen checkpoint with the edit's own hooks (its directions, its kernel's
 /// scales; `verify::equivalence::plan_hooks`): equal up to the bf16 rounding of the edited weights (the tiny
 /// `run`'s 5.8e-3 with one direction), except a norm-preserving edit, which says why not.
@@ -227,12 +237,7 @@ fn a_chosen_per_layer_trial_is_written_as_a_per_layer_file_and_reproduced_by_edi
     let chosen = direction::Directions::open(&out.join("chosen/direction.safetensors"), hidden, 4, None).unwrap();
     assert_eq!(chosen.layout, direction::Layout::PerLayer);
     let c = direction::Candidates::load(&out.join("find/candidates.safetensors"), hidden).unwrap();
-    let position: i64 = direction::Direction::load(&out.join("find/direction.safetensors"), hidden)
-        .unwrap()
-        .meta("position")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let position = find_position(&out, hidden);
     for (block, residual) in [(0, 1), (1, 2), (2, 3), (3, 3)] {
         let unit = c.direction(direction::Candidate { position, layer: residual }).unwrap().unit();
         let got = chosen.for_layer(Some(block)).as_slice();
@@ -279,12 +284,7 @@ fn projected_trials_take_find_candidates_without_their_harmless_mean_component()
     let hidden = 192;
     let c = direction::Candidates::load(&out.join("find/candidates.safetensors"), hidden).unwrap();
     let m = direction::Candidates::load_means(&out.join("find/means.safetensors"), hidden).unwrap();
-    let position: i64 = direction::Direction::load(&out.join("find/direction.safetensors"), hidden)
-        .unwrap()
-        .meta("position")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let position = find_position(&out, hidden);
     // r − (r·μ)/(μ·μ) μ, normalized, for the residual entering `layer`.
     let projected_unit = |layer: usize| -> Vec<f64> {
         let at = direction::Candidate { position, layer };

@@ -521,8 +521,7 @@ pub fn find(model: &Model, chat: &Chat, sets: &Sets, opts: &Options, progress: &
     // Candidate means (method.md §4).
     let started = Instant::now();
     progress.start(Stage::Means, (kept[0].len() + kept[1].len()) as u64);
-    let mut means = Vec::with_capacity(2);
-    for k in 0..2 {
+    let mean_of = |k: usize| -> Result<Vec<f64>> {
         let prompts = filtered(k)?;
         let mut sums = MeanSums::new(n_eoi, layers, hidden);
         prompts.run(model, &mut NoHook, &mut sums, model::Logits::None, &mut |range, _| {
@@ -531,11 +530,12 @@ pub fn find(model: &Model, chat: &Chat, sets: &Sets, opts: &Options, progress: &
         })?;
         debug_assert_eq!(sums.prompts, prompts.len());
         let n = prompts.len() as f64;
-        means.push(sums.sums.into_iter().map(|s| s / n).collect::<Vec<f64>>());
-    }
-    let candidates: Vec<f64> = means[0].iter().zip(&means[1]).map(|(h, n)| h - n).collect();
-    let harmless_means = means.pop().expect("the harmful and the harmless means");
-    drop(means);
+        Ok(sums.sums.into_iter().map(|s| s / n).collect())
+    };
+    let harmful_means = mean_of(0)?;
+    let harmless_means = mean_of(1)?;
+    let candidates: Vec<f64> = harmful_means.iter().zip(&harmless_means).map(|(h, n)| h - n).collect();
+    drop(harmful_means);
     let seconds = started.elapsed().as_secs_f64();
     progress.finish(Stage::Means, seconds);
     timings.push(Timing { stage: Stage::Means, seconds, calls: kept[0].len() + kept[1].len() });
