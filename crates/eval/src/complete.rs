@@ -79,12 +79,45 @@ pub fn complete(
     hook: &mut dyn Hook,
     done: &mut dyn FnMut(usize),
 ) -> Result<Vec<Completion>> {
+    Ok(complete_all(model, chat, prompts, None, opts, hook, done)?.0)
+}
+
+/// [`complete`] with a guess of each completion (`guides[k]` for prompt `k`, e.g. another model's
+/// completion of it; `Model::generate_guided`): the same completions, computed with fewer generation
+/// steps where the guesses are right, and the log-probability the model gives each guide token (teacher
+/// forcing), one list per prompt.
+pub fn complete_guided(
+    model: &Model,
+    chat: &Chat,
+    prompts: &[Vec<u32>],
+    guides: &[Vec<u32>],
+    opts: &CompleteOptions<'_>,
+    hook: &mut dyn Hook,
+    done: &mut dyn FnMut(usize),
+) -> Result<(Vec<Completion>, Vec<Vec<f64>>)> {
+    if guides.len() != prompts.len() {
+        return Err(model::ModelError::Batch(format!("{} guides for {} prompts", guides.len(), prompts.len())).into());
+    }
+    complete_all(model, chat, prompts, Some(guides), opts, hook, done)
+}
+
+fn complete_all(
+    model: &Model,
+    chat: &Chat,
+    prompts: &[Vec<u32>],
+    guides: Option<&[Vec<u32>]>,
+    opts: &CompleteOptions<'_>,
+    hook: &mut dyn Hook,
+    done: &mut dyn FnMut(usize),
+) -> Result<(Vec<Completion>, Vec<Vec<f64>>)> {
     let generate = GenerateOptions { max_new_tokens: opts.max_new_tokens, stop_tokens: chat.eos_ids().to_vec() };
     let shared = crate::run::shared_prefix(prompts, 1);
     let prefix = if shared == 0 { None } else { Some(model.prefix(&prompts[0][..shared], hook)?) };
     let mut out = Vec::with_capacity(prompts.len());
+    let mut scored = Vec::new();
     let mut refusals = 0;
-    for chunk in prompts.chunks(opts.batch_size.max(1)) {
+    let size = opts.batch_size.max(1);
+    for (b, chunk) in prompts.chunks(size).enumerate() {
         if opts.until_refusal.is_some() && opts.stop_at_refusals.is_some_and(|n| refusals >= n) {
             break;
         }
@@ -93,7 +126,7 @@ pub fn complete(
         // Each prompt's tokens so far, and the first decoding error (which ends generation).
         let mut so_far = vec![Vec::new(); chunk.len()];
         let mut error = None;
-        let gens = model.generate_after(prefix.as_ref(), &batch, &generate, opts.record, hook, &mut |row, token| {
+        let mut on_token = |row: usize, token: u32| {
             let Some(judge) = opts.until_refusal else { return ControlFlow::Continue(()) };
             so_far[row].push(token);
             match chat.decode(&so_far[row], Special::Skip) {
@@ -110,7 +143,23 @@ pub fn complete(
                     ControlFlow::Break(Stop::All)
                 }
             }
-        })?;
+        };
+        let gens = match guides {
+            None => model.generate_after(prefix.as_ref(), &batch, &generate, opts.record, hook, &mut on_token)?,
+            Some(guides) => {
+                let (gens, s) = model.generate_guided(
+                    prefix.as_ref(),
+                    &batch,
+                    &guides[b * size..b * size + chunk.len()],
+                    &generate,
+                    opts.record,
+                    hook,
+                    &mut on_token,
+                )?;
+                scored.extend(s);
+                gens
+            }
+        };
         if let Some(e) = error {
             return Err(e.into());
         }
@@ -126,7 +175,7 @@ pub fn complete(
         }
         done(out.len());
     }
-    Ok(out)
+    Ok((out, scored))
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ pub mod score;
 
 use std::path::PathBuf;
 
-pub use complete::{CompleteOptions, Completion, complete, first_words};
+pub use complete::{CompleteOptions, Completion, complete, complete_guided, first_words};
 pub use format::{Formatter, System};
 pub use judge::Judge;
 pub use prompts::{Prompt, PromptSet, Split};

@@ -90,6 +90,17 @@ impl RowCache {
         out
     }
 
+    /// Forgets every position from `len` on (they are written again before attention reads them).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            let kv_width = self.layers.first().map_or(0, |(kt, _)| kt.len() / self.capacity);
+            for (_, v) in &mut self.layers {
+                v.truncate(len * kv_width);
+            }
+            self.len = len;
+        }
+    }
+
     /// The bytes [`RowCache::new`] allocates (saturating).
     pub fn bytes(layers: usize, capacity: usize, kv_width: usize) -> u64 {
         let capacity = capacity.div_ceil(crate::kernels::LANES) as u64 * crate::kernels::LANES as u64;

@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 use rayon::prelude::*;
 
 use crate::batch::Batch;
-use crate::forward::{Logits, Model, RowCache};
+use crate::forward::{Forward, Logits, Model, RowCache};
 use crate::hooks::Hook;
 use crate::kernels::{argmax, log_softmax_at};
 use crate::prefix::Prefix;
@@ -121,6 +121,39 @@ fn check_starts(batch: &Batch) -> Result<()> {
 /// Rows of logits computed at once by teacher forcing (`HEAD_ROWS x vocab` f32 at a time).
 const HEAD_ROWS: usize = 512;
 
+/// Takes a prompt's chosen token: keeps it, asks `on_token`, and ends the generation where a stop token,
+/// the caller or the length says so. Returns (the prompt goes on, the caller asked to stop every prompt).
+fn take(
+    g: &mut Generation,
+    row: usize,
+    tok: u32,
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<Stop>,
+) -> (bool, bool) {
+    g.tokens.push(tok);
+    let asked = on_token(row, tok);
+    let all = asked == ControlFlow::Break(Stop::All);
+    let goes_on = if opts.stop_tokens.contains(&tok) {
+        g.finish = Finish::Stop;
+        false
+    } else if asked == ControlFlow::Break(Stop::Prompt) {
+        g.finish = Finish::Stopped;
+        false
+    } else {
+        g.tokens.len() < opts.max_new_tokens
+    };
+    (goes_on, all)
+}
+
+/// What teacher forcing computed: each prompt's last-position logits, the caches (prompt and every
+/// forced token but the last), and `at(logits, token)` for each forced token, from the logits that
+/// predict it.
+struct Forced<T> {
+    first: Forward,
+    cache: Vec<RowCache>,
+    rows: Vec<Vec<T>>,
+}
+
 impl Model {
     /// Greedy generation for every prompt of `batch` (argmax, the first id on ties, as `torch.argmax`).
     /// `on_token(prompt, token)` is called for each new token as soon as it is chosen, step by step;
@@ -148,21 +181,8 @@ impl Model {
         hook: &mut dyn Hook,
         on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<Stop>,
     ) -> Result<Vec<Generation>> {
-        let arch = self.arch();
-        if let Some(&t) = opts.stop_tokens.iter().find(|&&t| t as usize >= arch.vocab) {
-            return Err(ModelError::Batch(format!("stop token {t} is outside the vocabulary of {} ids", arch.vocab)));
-        }
-        check_starts(batch)?;
-        let mut out: Vec<Generation> = batch
-            .segments()
-            .iter()
-            .map(|_| Generation {
-                tokens: Vec::new(),
-                finish: Finish::Length,
-                first_logits: Vec::new(),
-                logprobs: Vec::new(),
-            })
-            .collect();
+        self.check_generate(batch, opts)?;
+        let mut out = empty_generations(batch.len());
         if opts.max_new_tokens == 0 {
             return Ok(out);
         }
@@ -171,12 +191,10 @@ impl Model {
         let mut cache = caches(self, prefix, batch, opts.max_new_tokens - 1, &what)?;
         let p = prefix.map_or(0, Prefix::len);
         let batch = batch.shifted(p);
-
         let mut x = self.embed(&batch)?;
         self.run(&mut x, &batch, 0, Some(&mut cache), hook)?;
-        let mut logits = self.logits(&x, batch.segments(), Logits::Last);
-        // (prompt, last token, its position) for prompts still going.
-        let mut active: Vec<(usize, u32, usize)> = Vec::new();
+        let logits = self.logits(&x, batch.segments(), Logits::Last);
+        let mut active = Vec::with_capacity(batch.len());
         for (i, s) in batch.segments().iter().enumerate() {
             cache[s.row].len = p + s.len;
             if record.first_logits {
@@ -184,51 +202,104 @@ impl Model {
             }
             active.push((s.row, argmax(logits.row(i)) as u32, p + s.len));
         }
-        loop {
-            if record.logprobs {
-                let lp: Vec<f64> = active
-                    .par_iter()
-                    .enumerate()
-                    .map(|(i, &(_, tok, _))| log_softmax_at(logits.row(i), tok as usize))
-                    .collect();
-                for (&(row, ..), lp) in active.iter().zip(lp) {
+        self.decode(&mut cache, &mut out, active, logits, opts, record, hook, on_token)?;
+        Ok(out)
+    }
+
+    /// [`Model::generate_after`] for prompts that come with a guess of their continuation (`guides[k]` for
+    /// prompt `k` of `batch`; e.g. another model's greedy completion of it), which is also scored. The
+    /// guides are teacher-forced first, in one pass, and each prompt keeps its guide's tokens for as long as
+    /// they are this model's greedy choice; its generation steps start where they differ. Returns the same
+    /// generations as `generate_after` (bit for bit where [`crate::batch_invariant`]: a teacher-forced row
+    /// and a generation step are the same computation; elsewhere up to the rounding that batching
+    /// changes), with fewer steps the better the guides are, and the log-probability of every guide token
+    /// as [`Model::continuation_logprobs`] gives it. `on_token` is called for each prompt's tokens in
+    /// order, but the prompts' guided tokens come first, prompt by prompt, then the generation steps: so
+    /// `Break(Stop::All)` ends every prompt where it is (those not reached yet have no token).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_guided(
+        &self,
+        prefix: Option<&Prefix>,
+        batch: &Batch,
+        guides: &[Vec<u32>],
+        opts: &GenerateOptions,
+        record: Record,
+        hook: &mut dyn Hook,
+        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<Stop>,
+    ) -> Result<(Vec<Generation>, Vec<Vec<f64>>)> {
+        self.check_generate(batch, opts)?;
+        // Per guide token: its log-probability, and the greedy choice there with its log-probability.
+        let longest = guides.iter().map(Vec::len).max().unwrap_or(0);
+        let extra = opts.max_new_tokens.max(longest).saturating_sub(1);
+        let what = format!("{} new tokens", opts.max_new_tokens.max(longest));
+        let forced = self.force(prefix, batch, guides, extra, &what, hook, |z, t| {
+            let lp = log_softmax_at(z, t as usize);
+            let a = argmax(z) as u32;
+            let lp_a = if a == t || !record.logprobs { lp } else { log_softmax_at(z, a as usize) };
+            (lp, a, lp_a)
+        })?;
+        let Forced { first, mut cache, rows } = forced;
+        let scored: Vec<Vec<f64>> = rows.iter().map(|r| r.iter().map(|c| c.0).collect()).collect();
+        let mut out = empty_generations(batch.len());
+        if opts.max_new_tokens == 0 {
+            return Ok((out, scored));
+        }
+        let p = prefix.map_or(0, Prefix::len);
+        let mut active = Vec::new();
+        let mut all = false;
+        for (i, s) in batch.segments().iter().enumerate() {
+            if all {
+                out[s.row].finish = Finish::Stopped;
+                continue;
+            }
+            let (row, guide, choices) = (s.row, &guides[s.row], &rows[s.row]);
+            let z = first.row(i);
+            if record.first_logits {
+                out[row].first_logits = z.to_vec();
+            }
+            // The choice for new token j: from the prompt's last logits (j = 0) or the guide's row j.
+            let mut j = 0;
+            loop {
+                let (tok, lp) = match choices.get(j) {
+                    Some(&(_, a, lp)) => (a, lp),
+                    None => {
+                        let a = argmax(z) as u32;
+                        (a, if record.logprobs { log_softmax_at(z, a as usize) } else { 0.0 })
+                    }
+                };
+                if record.logprobs {
                     out[row].logprobs.push(lp);
                 }
-            }
-            let mut next = Vec::with_capacity(active.len());
-            let mut stopped = false;
-            for &(row, tok, pos) in &active {
-                let g = &mut out[row];
-                g.tokens.push(tok);
-                let asked = on_token(row, tok);
-                stopped |= asked == ControlFlow::Break(Stop::All);
-                if opts.stop_tokens.contains(&tok) {
-                    g.finish = Finish::Stop;
-                } else if asked == ControlFlow::Break(Stop::Prompt) {
-                    g.finish = Finish::Stopped;
-                } else if g.tokens.len() < opts.max_new_tokens {
-                    next.push((row, tok, pos));
+                let (goes_on, stop_all) = take(&mut out[row], row, tok, opts, on_token);
+                if stop_all {
+                    all = true;
+                    if goes_on {
+                        out[row].finish = Finish::Stopped;
+                    }
+                    break;
                 }
-            }
-            if stopped {
-                for &(row, ..) in &next {
-                    out[row].finish = Finish::Stopped;
+                if !goes_on {
+                    break;
                 }
-                return Ok(out);
-            }
-            if next.is_empty() {
-                return Ok(out);
-            }
-            let step = Batch::step(&next);
-            let mut x = self.embed(&step)?;
-            self.run(&mut x, &step, 0, Some(&mut cache), hook)?;
-            logits = self.logits(&x, step.segments(), Logits::Last);
-            active.clear();
-            for (i, &(row, _, pos)) in next.iter().enumerate() {
-                cache[row].len = pos + 1;
-                active.push((row, argmax(logits.row(i)) as u32, pos + 1));
+                if guide.get(j) == Some(&tok) && j + 1 < choices.len() {
+                    j += 1;
+                    continue;
+                }
+                // Off the guide (or past it): the cache keeps the prompt and new tokens 0..j (the guide's);
+                // token j is fed by the next step.
+                cache[row].truncate(p + s.len + j);
+                active.push((row, tok, p + s.len + j));
+                break;
             }
         }
+        if all {
+            for &(row, ..) in &active {
+                out[row].finish = Finish::Stopped;
+            }
+            return Ok((out, scored));
+        }
+        self.decode_fed(&mut cache, &mut out, active, opts, record, hook, on_token)?;
+        Ok((out, scored))
     }
 
     /// Teacher forcing: `log p(c_i | prompt, c_<i)` for every token of each prompt's continuation
@@ -242,48 +313,167 @@ impl Model {
         continuations: &[Vec<u32>],
         hook: &mut dyn Hook,
     ) -> Result<Vec<Vec<f64>>> {
-        if continuations.len() != batch.len() {
+        let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
+        let what = format!("a continuation of {longest} tokens");
+        let forced = self.force(prefix, batch, continuations, longest.saturating_sub(1), &what, hook, |z, t| {
+            log_softmax_at(z, t as usize)
+        })?;
+        Ok(forced.rows)
+    }
+
+    /// Checks what every generation checks: stop tokens in the vocabulary, prompts at position 0.
+    fn check_generate(&self, batch: &Batch, opts: &GenerateOptions) -> Result<()> {
+        let vocab = self.arch().vocab;
+        if let Some(&t) = opts.stop_tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Batch(format!("stop token {t} is outside the vocabulary of {vocab} ids")));
+        }
+        check_starts(batch)
+    }
+
+    /// Generation steps from `active`: each prompt's chosen token from `logits` (row `i` for `active[i]`)
+    /// is taken, and those that go on are fed back, until every prompt has ended.
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        cache: &mut [RowCache],
+        out: &mut [Generation],
+        active: Vec<(usize, u32, usize)>,
+        logits: Forward,
+        opts: &GenerateOptions,
+        record: Record,
+        hook: &mut dyn Hook,
+        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<Stop>,
+    ) -> Result<()> {
+        let (mut active, mut logits) = (active, logits);
+        loop {
+            if record.logprobs {
+                let lp: Vec<f64> = active
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, &(_, tok, _))| log_softmax_at(logits.row(i), tok as usize))
+                    .collect();
+                for (&(row, ..), lp) in active.iter().zip(lp) {
+                    out[row].logprobs.push(lp);
+                }
+            }
+            let mut next = Vec::with_capacity(active.len());
+            let mut all = false;
+            for &(row, tok, pos) in &active {
+                let (goes_on, stop_all) = take(&mut out[row], row, tok, opts, on_token);
+                all |= stop_all;
+                if goes_on {
+                    next.push((row, tok, pos));
+                }
+            }
+            if all {
+                for &(row, ..) in &next {
+                    out[row].finish = Finish::Stopped;
+                }
+                return Ok(());
+            }
+            if next.is_empty() {
+                return Ok(());
+            }
+            logits = self.step(cache, &next, hook)?;
+            active = next
+                .iter()
+                .enumerate()
+                .map(|(i, &(row, _, pos))| (row, argmax(logits.row(i)) as u32, pos + 1))
+                .collect();
+        }
+    }
+
+    /// [`Model::decode`] for prompts whose chosen tokens were already taken (`active`: to be fed back).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_fed(
+        &self,
+        cache: &mut [RowCache],
+        out: &mut [Generation],
+        active: Vec<(usize, u32, usize)>,
+        opts: &GenerateOptions,
+        record: Record,
+        hook: &mut dyn Hook,
+        on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<Stop>,
+    ) -> Result<()> {
+        if active.is_empty() {
+            return Ok(());
+        }
+        let logits = self.step(cache, &active, hook)?;
+        let next =
+            active.iter().enumerate().map(|(i, &(row, _, pos))| (row, argmax(logits.row(i)) as u32, pos + 1)).collect();
+        self.decode(cache, out, next, logits, opts, record, hook, on_token)
+    }
+
+    /// One generation step: feeds each `(prompt, token, position)` and returns the next-token logits.
+    fn step(&self, cache: &mut [RowCache], fed: &[(usize, u32, usize)], hook: &mut dyn Hook) -> Result<Forward> {
+        let step = Batch::step(fed);
+        let mut x = self.embed(&step)?;
+        self.run(&mut x, &step, 0, Some(cache), hook)?;
+        for &(row, _, pos) in fed {
+            cache[row].len = pos + 1;
+        }
+        Ok(self.logits(&x, step.segments(), Logits::Last))
+    }
+
+    /// Teacher forcing of `forced[k]` after prompt `k` of `batch` (which continues `prefix`): the prompts
+    /// run first, then every forced token but the last in one pass against their keys and values, with
+    /// caches sized for `extra` positions after each prompt; only rows that predict a forced token reach
+    /// the LM head, where `at(logits, token)` is kept.
+    #[allow(clippy::too_many_arguments)]
+    fn force<T: Send>(
+        &self,
+        prefix: Option<&Prefix>,
+        batch: &Batch,
+        forced: &[Vec<u32>],
+        extra: usize,
+        what: &str,
+        hook: &mut dyn Hook,
+        at: impl Fn(&[f32], u32) -> T + Sync,
+    ) -> Result<Forced<T>> {
+        if forced.len() != batch.len() {
             return Err(ModelError::Batch(format!(
                 "{} continuations for a batch of {} prompts",
-                continuations.len(),
+                forced.len(),
                 batch.len()
             )));
         }
         let vocab = self.arch().vocab;
-        if let Some(&t) = continuations.iter().flatten().find(|&&t| t as usize >= vocab) {
+        if let Some(&t) = forced.iter().flatten().find(|&&t| t as usize >= vocab) {
             return Err(ModelError::Batch(format!("continuation token {t} is outside the vocabulary of {vocab} ids")));
         }
         check_starts(batch)?;
-        let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
-        let what = format!("a continuation of {longest} tokens");
-        let mut cache = caches(self, prefix, batch, longest.saturating_sub(1), &what)?;
+        let mut cache = caches(self, prefix, batch, extra, what)?;
         let p = prefix.map_or(0, Prefix::len);
         let batch = batch.shifted(p);
         let mut x = self.embed(&batch)?;
         self.run(&mut x, &batch, 0, Some(&mut cache), hook)?;
         let first = self.logits(&x, batch.segments(), Logits::Last);
-        let mut out: Vec<Vec<f64>> = continuations
+        let mut rows: Vec<Vec<T>> = batch
+            .segments()
             .iter()
             .enumerate()
-            .map(|(k, c)| c.first().map(|&t| vec![log_softmax_at(first.row(k), t as usize)]).unwrap_or_default())
+            .map(|(i, s)| forced[s.row].first().map(|&t| vec![at(first.row(i), t)]).unwrap_or_default())
             .collect();
         for s in batch.segments() {
             cache[s.row].len = p + s.len;
         }
-        // Continuation tokens 0..n-1 predict tokens 1..n.
+        // Forced tokens 0..n-1 predict tokens 1..n.
         let rests: Vec<(usize, &[u32])> = batch
             .segments()
             .iter()
-            .zip(continuations)
+            .map(|s| (s.row, &forced[s.row]))
             .filter(|(_, c)| c.len() > 1)
-            .map(|(s, c)| (s.row, &c[..c.len() - 1]))
+            .map(|(row, c)| (row, &c[..c.len() - 1]))
             .collect();
         if rests.is_empty() {
-            return Ok(out);
+            return Ok(Forced { first, cache, rows });
         }
         let tail = Batch::continuing(&rests, |row| p + batch.segments()[row].len);
         let mut x = self.embed(&tail)?;
         self.run(&mut x, &tail, 0, Some(&mut cache), hook)?;
+        for s in tail.segments() {
+            cache[s.row].len = s.pos0 + s.len;
+        }
         // The LM head a few hundred rows at a time: all rows' logits at once would be `[tokens, vocab]`.
         let d = self.arch().hidden;
         let segs = tail.segments();
@@ -295,17 +485,29 @@ impl Model {
             }
             let (r0, r1) = (segs[i].start, segs[j - 1].start + segs[j - 1].len);
             let logits = self.logits(&x[r0 * d..r1 * d], &segs[i..j], Logits::All);
-            for (s, &(row, _)) in segs[i..j].iter().zip(&rests[i..j]) {
-                let c = &continuations[row];
-                let lp: Vec<f64> = (s.start - r0..s.start - r0 + s.len)
+            for s in &segs[i..j] {
+                let c = &forced[s.row];
+                let kept: Vec<T> = (s.start - r0..s.start - r0 + s.len)
                     .into_par_iter()
                     .zip(c[1..].par_iter())
-                    .map(|(r, &t)| log_softmax_at(logits.row(r), t as usize))
+                    .map(|(r, &t)| at(logits.row(r), t))
                     .collect();
-                out[row].extend(lp);
+                rows[s.row].extend(kept);
             }
             i = j;
         }
-        Ok(out)
+        Ok(Forced { first, cache, rows })
     }
+}
+
+/// One unfinished generation per prompt.
+fn empty_generations(n: usize) -> Vec<Generation> {
+    (0..n)
+        .map(|_| Generation {
+            tokens: Vec::new(),
+            finish: Finish::Length,
+            first_logits: Vec::new(),
+            logprobs: Vec::new(),
+        })
+        .collect()
 }

@@ -173,6 +173,8 @@ pub struct Equivalence {
     /// Prompts whose most likely next token is the same in both.
     pub top1_agree: usize,
     pub prompts: usize,
+    /// Positions compared: the prompts' shared prefix (a chat template's system turn) once, then each
+    /// prompt's own tokens.
     pub tokens: usize,
 }
 
@@ -212,28 +214,57 @@ pub fn equivalence(
     let mut per_layer = vec![0f64; layers + 1];
     let mut besides = vec![0f64; layers + 1];
     let mut along = vec![0f64; layers + 1];
-    let (mut logits_rel, mut logits_max_abs, mut top1_agree, mut tokens) = (0f64, 0f64, 0, 0);
-    let mut done = 0;
-    for chunk in prompts.chunks(batch_size.max(1)) {
-        let batch = Batch::new(chunk)?;
-        tokens += batch.tokens().len();
-        let capture = || Capture::new(sites.iter().copied(), Positions::All);
-        let (mut hooked, mut plain, mut both) = (capture(), capture(), capture());
-        let z_hooked = original.forward(&batch, Logits::Last, &mut Chain(vec![&mut *hooks, &mut hooked]))?;
-        let z_edited = edited.forward(&batch, Logits::Last, &mut plain)?;
-        if split {
-            edited.forward(&batch, Logits::None, &mut Chain(vec![&mut *hooks, &mut both]))?;
-        }
+    let capture = || Capture::new(sites.iter().copied(), Positions::All);
+    // Folds one pass's captures (the hooked original's, the edited model's, the edited model's under the
+    // hooks) into the per-layer maxima.
+    let mut compare = |hooked: &mut Capture, plain: &mut Capture, both: &mut Capture| {
         for (l, &at) in sites.iter().enumerate() {
             let take = |c: &mut Capture| c.take(at).expect("every site is captured");
-            let (h, e) = (take(&mut hooked), take(&mut plain));
+            let (h, e) = (take(hooked), take(plain));
             per_layer[l] = per_layer[l].max(worst(&e, &h));
             if split {
-                let eh = take(&mut both);
+                let eh = take(both);
                 besides[l] = besides[l].max(worst(&eh, &h));
                 along[l] = along[l].max(worst(&e, &eh));
             }
         }
+    };
+    // The tokens every prompt starts with (a chat template's system turn) run once in each of the passes,
+    // and are compared once: the metric is a maximum over positions, which repeats do not change.
+    let shared = eval::shared_prefix(prompts, 1);
+    let (hooked_pre, plain_pre, both_pre) = if shared > 0 {
+        let tokens = &prompts[0][..shared];
+        let (mut hooked, mut plain, mut both) = (capture(), capture(), capture());
+        let h = original.prefix(tokens, &mut Chain(vec![&mut *hooks, &mut hooked]))?;
+        let e = edited.prefix(tokens, &mut plain)?;
+        let eh = if split { Some(edited.prefix(tokens, &mut Chain(vec![&mut *hooks, &mut both]))?) } else { None };
+        compare(&mut hooked, &mut plain, &mut both);
+        (Some(h), Some(e), eh)
+    } else {
+        (None, None, None)
+    };
+    // A pass over `batch` (after the prefix when there is one).
+    let pass =
+        |model: &Model, prefix: Option<&model::Prefix>, batch: &Batch, logits: Logits, hook: &mut dyn model::Hook| {
+            match prefix {
+                Some(p) => model.forward_after(p, batch, logits, hook),
+                None => model.forward(batch, logits, hook),
+            }
+        };
+    let (mut logits_rel, mut logits_max_abs, mut top1_agree, mut tokens) = (0f64, 0f64, 0, shared);
+    let mut done = 0;
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let rests: Vec<&[u32]> = chunk.iter().map(|p| &p[shared..]).collect();
+        let batch = Batch::new(&rests)?;
+        tokens += batch.tokens().len();
+        let (mut hooked, mut plain, mut both) = (capture(), capture(), capture());
+        let z_hooked =
+            pass(original, hooked_pre.as_ref(), &batch, Logits::Last, &mut Chain(vec![&mut *hooks, &mut hooked]))?;
+        let z_edited = pass(edited, plain_pre.as_ref(), &batch, Logits::Last, &mut plain)?;
+        if split {
+            pass(edited, both_pre.as_ref(), &batch, Logits::None, &mut Chain(vec![&mut *hooks, &mut both]))?;
+        }
+        compare(&mut hooked, &mut plain, &mut both);
         for p in 0..chunk.len() {
             let (zh, ze) = (z_hooked.row(p), z_edited.row(p));
             logits_rel = logits_rel.max(relative(ze, zh));

@@ -24,7 +24,7 @@ use crate::gate::{Gates, Measured};
 use crate::manifest::EditRecord;
 use crate::report::{Arm, Completion, Damage, DirectionInfo, EquivalenceReport, Induced, Report, SetReport, Source};
 use crate::streams::{self, Tick};
-use crate::{Error, Loss, Result, cross_entropy};
+use crate::{Error, Loss, Result};
 
 /// How to verify.
 #[derive(Clone, Debug, PartialEq)]
@@ -202,28 +202,36 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
 
     // Greedy completions. Each run's first step is the prompts' last-position logits: the refusal scores
     // (both sets, both runs) and the first-token KL (harmless) come from them, and the original's
-    // harmless completions keep the log-probability of every token (its cross-entropy on them). The jobs
-    // run as two streams at once, each on half of the threads: the original's completions and the
-    // cross-entropy, and the compared run's completions and the equivalence check. A generation step
-    // is too small to keep two threads busy without waiting for each other; two independent streams
-    // are not, and every result is the same bits whatever the threads (the runtime's promise).
+    // harmless completions keep the log-probability of every token (its cross-entropy on them). The
+    // compared run's harmless completions are guided by the original's (`eval::complete_guided`): one
+    // teacher-forced pass scores those (the compared run's cross-entropy on them) and gives the compared
+    // run's own greedy tokens for as long as they agree, so only the rest is generated step by step.
+    // The jobs run as two streams at once, each on half of the threads, of about the same work: the
+    // harmless completions of both runs, and the harmful ones of both, the induced refusal and the
+    // equivalence check. A generation step is too small to keep two threads busy without waiting for
+    // each other; two independent streams are not, and every result is the same bits whatever the
+    // threads (the runtime's promise).
     let (n_harmful, n_harmless) = (inputs.harmful.ids.len(), inputs.harmless.ids.len());
     let total = 2 * n_harmful
         + 2 * n_harmless
         + induce_at.map_or(0, |_| n_harmless)
-        + usize::from(opts.cross_entropy) * n_harmless
         + equivalence_input.map_or(0, |_| n_equivalence);
-    // One set's completions, timed under `generate NAME`, counted on the stream's progress.
+    // One set's completions (guided by `guides` if given), timed under `generate NAME`, counted on the
+    // stream's progress.
     let complete_timed = |tick: &Tick,
                           seconds: &mut BTreeMap<String, f64>,
                           name: &str,
                           model: &Model,
                           hook: &mut dyn Hook,
                           set: &Set,
+                          guides: Option<&[Vec<u32>]>,
                           copts: CompleteOptions<'_>| {
         let t = Instant::now();
         let mut ticker = tick.counter();
-        let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| ticker(n))?;
+        let out = match guides {
+            None => (eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| ticker(n))?, Vec::new()),
+            Some(g) => eval::complete_guided(model, inputs.chat, &set.ids, g, &copts, hook, &mut |n| ticker(n))?,
+        };
         seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
         Ok::<_, Error>(out)
     };
@@ -233,10 +241,57 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         total,
         |tick: &Tick| {
             let mut seconds = BTreeMap::new();
-            let mut generate = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, copts| {
-                complete_timed(tick, &mut seconds, name, model, hook, set, copts)
+            let g_on = complete_timed(
+                tick,
+                &mut seconds,
+                "original harmless",
+                original,
+                &mut NoHook,
+                &inputs.harmless,
+                None,
+                copts(on_record, false),
+            )?
+            .0;
+            // Cross-entropy of both on the original's own harmless completions without the end-of-turn
+            // token: the original's from the log-probabilities its greedy run chose them with (the same
+            // computation as teacher forcing, `tests/loss.rs`), the compared run's from the teacher forcing
+            // that guides its completions.
+            let stops = inputs.chat.eos_ids();
+            let kept =
+                |g: &eval::Completion| g.tokens.len() - usize::from(g.tokens.last().is_some_and(|t| stops.contains(t)));
+            let guides: Vec<Vec<u32>> = g_on.iter().map(|g| g.tokens.clone()).collect();
+            let (g_sn, scored) = complete_timed(
+                tick,
+                &mut seconds,
+                &format!("{label} harmless"),
+                subject_model,
+                subject_hook().as_mut(),
+                &inputs.harmless,
+                Some(&guides),
+                copts(first, false),
+            )?;
+            let ce = if opts.cross_entropy {
+                let empty = || Error::Input("cross-entropy: every harmless completion is empty".into());
+                let a = Loss::from_logprobs(g_on.iter().map(|g| &g.logprobs[..kept(g)])).ok_or_else(empty)?;
+                let e = Loss::from_logprobs(scored.iter().zip(&g_on).map(|(s, g)| &s[..kept(g)])).ok_or_else(empty)?;
+                Some((a, e))
+            } else {
+                None
             };
-            let g_on = generate("original harmless", original, &mut NoHook, &inputs.harmless, copts(on_record, false))?;
+            Ok::<_, Error>((g_on, g_sn, ce, seconds))
+        },
+        |tick: &Tick| {
+            let mut seconds = BTreeMap::new();
+            let mut generate = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, copts| {
+                complete_timed(tick, &mut seconds, name, model, hook, set, None, copts).map(|(g, _)| g)
+            };
+            let g_sh = generate(
+                &format!("{label} harmful"),
+                subject_model,
+                subject_hook().as_mut(),
+                &inputs.harmful,
+                copts(first, true),
+            )?;
             let g_oh = generate("original harmful", original, &mut NoHook, &inputs.harmful, copts(first, true))?;
             let g_induced = match induce_at {
                 Some((d, layer)) => {
@@ -252,43 +307,6 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                 }
                 None => None,
             };
-            // Cross-entropy of both on the original's own harmless completions (without the end-of-turn token):
-            // the original's from the log-probabilities its greedy run chose them with (the same computation as
-            // teacher forcing, `tests/loss.rs`), the compared run's by teacher forcing.
-            let ce = if opts.cross_entropy {
-                let t = Instant::now();
-                let stops = inputs.chat.eos_ids();
-                let kept = |g: &eval::Completion| {
-                    g.tokens.len() - usize::from(g.tokens.last().is_some_and(|t| stops.contains(t)))
-                };
-                let a = Loss::from_logprobs(g_on.iter().map(|g| &g.logprobs[..kept(g)]))
-                    .ok_or_else(|| Error::Input("cross-entropy: every harmless completion is empty".into()))?;
-                let pairs: Vec<(Vec<u32>, Vec<u32>)> = inputs
-                    .harmless
-                    .ids
-                    .iter()
-                    .zip(&g_on)
-                    .map(|(p, g)| (p.clone(), g.tokens[..kept(g)].to_vec()))
-                    .collect();
-                let mut ticker = tick.counter();
-                let e =
-                    cross_entropy(subject_model, subject_hook().as_mut(), &pairs, opts.batch_size.max(1), &mut |n| {
-                        ticker(n)
-                    })?;
-                seconds.insert("cross-entropy".to_string(), t.elapsed().as_secs_f64());
-                Some((a, e))
-            } else {
-                None
-            };
-            Ok::<_, Error>((g_on, g_oh, g_induced, ce, seconds))
-        },
-        |tick: &Tick| {
-            let mut seconds = BTreeMap::new();
-            let mut generate = |name: &str, set: &Set, copts| {
-                complete_timed(tick, &mut seconds, name, subject_model, subject_hook().as_mut(), set, copts)
-            };
-            let g_sh = generate(&format!("{label} harmful"), &inputs.harmful, copts(first, true))?;
-            let g_sn = generate(&format!("{label} harmless"), &inputs.harmless, copts(first, false))?;
             // Equivalence: only an edited checkpoint with its direction can be compared with its hooks.
             let equivalence_report = match equivalence_input {
                 Some((model, record, against)) => {
@@ -324,11 +342,12 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                 }
                 None => None,
             };
-            Ok::<_, Error>((g_sh, g_sn, equivalence_report, seconds))
+            Ok::<_, Error>((g_sh, g_oh, g_induced, equivalence_report, seconds))
         },
     );
-    let (mut g_on, mut g_oh, g_induced, ce, seconds_a) = stream_a?;
-    let (mut g_sh, mut g_sn, equivalence_report, seconds_b) = stream_b?;
+    let (mut g_on, mut g_sn, ce, seconds_a) = stream_a?;
+    let (mut g_sh, mut g_oh, g_induced, equivalence_report, seconds_b) = stream_b?;
+    let (ce_original, ce_edited) = ce.map_or((None, None), |(a, e)| (Some(a), Some(e)));
     let mut seconds: BTreeMap<String, f64> = seconds_a.into_iter().chain(seconds_b).collect();
     let o_harmful: Vec<Vec<f32>> = g_oh.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
     let o_harmless: Vec<Vec<f32>> = g_on.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
@@ -401,8 +420,6 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         coeff: opts.coeff,
         arm: arm(&format!("direction added at layer {layer}"), &inputs.harmless, false, &g, None),
     });
-
-    let (ce_original, ce_edited) = ce.map_or((None, None), |(a, e)| (Some(a), Some(e)));
 
     // KL where the original answered: what the edit changed where it was not meant to change anything.
     let answered: Vec<f64> =

@@ -149,3 +149,42 @@ fn bf16_storage_rounds_the_edit() {
     // Along r̂ the rounded weights keep |r̂ᵀW'| of the order of u·|W|/√d: much less than the whole.
     assert!(along.iter().all(|&v| v < 0.25 * e.max), "{e:?}");
 }
+
+/// Prompts that start alike (a chat template's system turn) run their shared tokens once in each pass
+/// and compare them once: the result is the maximum over the prompts checked one at a time, and the
+/// positions counted are the prefix once plus each prompt's own.
+#[test]
+fn a_shared_prefix_is_compared_once_with_the_same_maxima() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = edit(tmp.path(), "llama", "bf16", &Options::default());
+    let original = Model::open(&fixture("llama", "bf16")).unwrap();
+    let edited = Model::open(&out).unwrap();
+    let layers = original.arch().layers;
+    let d = Direction::load(&direction(), original.arch().hidden).unwrap();
+    let prefix: Vec<u32> = vec![7, 300, 41, 41, 9, 128];
+    let prompts: Vec<Vec<u32>> = prompts().iter().map(|p| [&prefix[..], p].concat()).collect();
+    let run = |ps: &[Vec<u32>]| {
+        let mut hooks = model::Interventions::ablation(layers, &d.values).unwrap();
+        verify::equivalence(&original, &edited, &mut hooks, true, ps, 3, &mut |_| {}).unwrap()
+    };
+    let all = run(&prompts);
+    assert_eq!((all.prompts, all.tokens), (4, prefix.len() + 47));
+    let singles: Vec<Equivalence> = prompts.iter().map(|p| run(std::slice::from_ref(p))).collect();
+    let max_of = |f: &dyn Fn(&Equivalence) -> Vec<f64>| -> Vec<f64> {
+        (0..=layers).map(|l| singles.iter().map(|e| f(e)[l]).fold(0f64, f64::max)).collect()
+    };
+    let close = |what: &str, got: &[f64], want: &[f64]| {
+        for (l, (g, w)) in got.iter().zip(want).enumerate() {
+            if model::batch_invariant() {
+                assert_eq!(g, w, "{what}, layer {l}");
+            } else {
+                assert!((g - w).abs() <= 1e-6 * w.max(1e-3), "{what}, layer {l}: {g} vs {w}");
+            }
+        }
+    };
+    assert!(all.max > 1e-4, "bf16 rounding makes a difference to see: {all:?}");
+    close("whole", &all.per_layer, &max_of(&|e| e.per_layer.clone()));
+    close("besides", all.besides_direction.as_ref().unwrap(), &max_of(&|e| e.besides_direction.clone().unwrap()));
+    close("along", all.along_direction.as_ref().unwrap(), &max_of(&|e| e.along_direction.clone().unwrap()));
+    assert_eq!(all.top1_agree, singles.iter().map(|e| e.top1_agree).sum::<usize>());
+}
