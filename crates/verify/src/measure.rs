@@ -13,6 +13,8 @@
 //! changes a model, never writes a file, never prints.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::Instant;
 
 use eval::{CompleteOptions, Judge, PromptSet};
@@ -25,6 +27,9 @@ use crate::manifest::EditRecord;
 use crate::report::{Arm, Completion, Damage, DirectionInfo, EquivalenceReport, Induced, Report, SetReport, Source};
 use crate::streams::{self, Tick};
 use crate::{Error, Loss, Result};
+
+/// Chunks of the guided harmless completions, shared out between the two streams.
+const GUIDED_CHUNKS: usize = 8;
 
 /// How to verify.
 #[derive(Clone, Debug, PartialEq)]
@@ -206,40 +211,71 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     // compared run's harmless completions are guided by the original's (`eval::complete_guided`): one
     // teacher-forced pass scores those (the compared run's cross-entropy on them) and gives the compared
     // run's own greedy tokens for as long as they agree, so only the rest is generated step by step.
-    // The jobs run as two streams at once, each on half of the threads, of about the same work: the
-    // harmless completions of both runs, and the harmful ones of both, the induced refusal and the
-    // equivalence check. A generation step is too small to keep two threads busy without waiting for
-    // each other; two independent streams are not, and every result is the same bits whatever the
-    // threads (the runtime's promise).
+    // The jobs run as two streams at once, each on half of the threads: the original's harmless
+    // completions, and the harmful ones of both runs, the induced refusal and the equivalence check; then
+    // both take chunks of the guided completions until none is left. A generation step is too small to
+    // keep two threads busy without waiting for each other; two independent streams are not, and every
+    // result is the same bits whatever the threads and the chunks (the runtime's promise).
     let (n_harmful, n_harmless) = (inputs.harmful.ids.len(), inputs.harmless.ids.len());
     let total = 2 * n_harmful
         + 2 * n_harmless
         + induce_at.map_or(0, |_| n_harmless)
         + equivalence_input.map_or(0, |_| n_equivalence);
-    // One set's completions (guided by `guides` if given), timed under `generate NAME`, counted on the
-    // stream's progress.
+    // One set's completions, timed under `generate NAME`, counted on the stream's progress.
     let complete_timed = |tick: &Tick,
                           seconds: &mut BTreeMap<String, f64>,
                           name: &str,
                           model: &Model,
                           hook: &mut dyn Hook,
                           set: &Set,
-                          guides: Option<&[Vec<u32>]>,
                           copts: CompleteOptions<'_>| {
         let t = Instant::now();
         let mut ticker = tick.counter();
-        let out = match guides {
-            None => (eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| ticker(n))?, Vec::new()),
-            Some(g) => eval::complete_guided(model, inputs.chat, &set.ids, g, &copts, hook, &mut |n| ticker(n))?,
-        };
+        let out = eval::complete(model, inputs.chat, &set.ids, &copts, hook, &mut |n| ticker(n))?;
         seconds.insert(format!("generate {name}"), t.elapsed().as_secs_f64());
         Ok::<_, Error>(out)
+    };
+    // The compared run's guided harmless completions, in chunks that either stream takes when it is free
+    // (stream a once the original's completions are done, stream b after its own jobs): the two streams
+    // then end together. Results by chunk; the same bits whatever the chunking (batch invariance).
+    let chunk = n_harmless.div_ceil(GUIDED_CHUNKS).clamp(1, opts.batch_size.max(1));
+    let n_chunks = n_harmless.div_ceil(chunk);
+    let next_chunk = AtomicUsize::new(0);
+    type Guided = (Vec<eval::Completion>, Vec<Vec<f64>>);
+    let guided: Mutex<Vec<Option<Guided>>> = Mutex::new((0..n_chunks).map(|_| None).collect());
+    let guides_lock: OnceLock<Vec<Vec<u32>>> = OnceLock::new();
+    let (guides_ready, guides_wait) = mpsc::channel::<()>();
+    let take_chunks = |tick: &Tick, seconds: &mut BTreeMap<String, f64>, key: String, guides: &[Vec<u32>]| {
+        let t = Instant::now();
+        let mut hook = subject_hook();
+        loop {
+            let i = next_chunk.fetch_add(1, Ordering::Relaxed);
+            if i >= n_chunks {
+                break;
+            }
+            let range = i * chunk..((i + 1) * chunk).min(n_harmless);
+            let mut ticker = tick.counter();
+            let out = eval::complete_guided(
+                subject_model,
+                inputs.chat,
+                &inputs.harmless.ids[range.clone()],
+                &guides[range],
+                &copts(first, false),
+                hook.as_mut(),
+                &mut |n| ticker(n),
+            )?;
+            guided.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(out);
+        }
+        *seconds.entry(key).or_insert(0.0) += t.elapsed().as_secs_f64();
+        Ok::<_, Error>(())
     };
     let (stream_a, stream_b) = streams::two(
         progress,
         "completions, cross-entropy, equivalence",
         total,
         |tick: &Tick| {
+            // Owned here: stream b learns of a failure here as the channel's end.
+            let guides_ready = guides_ready;
             let mut seconds = BTreeMap::new();
             let g_on = complete_timed(
                 tick,
@@ -248,42 +284,17 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                 original,
                 &mut NoHook,
                 &inputs.harmless,
-                None,
                 copts(on_record, false),
-            )?
-            .0;
-            // Cross-entropy of both on the original's own harmless completions without the end-of-turn
-            // token: the original's from the log-probabilities its greedy run chose them with (the same
-            // computation as teacher forcing, `tests/loss.rs`), the compared run's from the teacher forcing
-            // that guides its completions.
-            let stops = inputs.chat.eos_ids();
-            let kept =
-                |g: &eval::Completion| g.tokens.len() - usize::from(g.tokens.last().is_some_and(|t| stops.contains(t)));
-            let guides: Vec<Vec<u32>> = g_on.iter().map(|g| g.tokens.clone()).collect();
-            let (g_sn, scored) = complete_timed(
-                tick,
-                &mut seconds,
-                &format!("{label} harmless"),
-                subject_model,
-                subject_hook().as_mut(),
-                &inputs.harmless,
-                Some(&guides),
-                copts(first, false),
             )?;
-            let ce = if opts.cross_entropy {
-                let empty = || Error::Input("cross-entropy: every harmless completion is empty".into());
-                let a = Loss::from_logprobs(g_on.iter().map(|g| &g.logprobs[..kept(g)])).ok_or_else(empty)?;
-                let e = Loss::from_logprobs(scored.iter().zip(&g_on).map(|(s, g)| &s[..kept(g)])).ok_or_else(empty)?;
-                Some((a, e))
-            } else {
-                None
-            };
-            Ok::<_, Error>((g_on, g_sn, ce, seconds))
+            let guides = guides_lock.get_or_init(|| g_on.iter().map(|g| g.tokens.clone()).collect());
+            let _ = guides_ready.send(());
+            take_chunks(tick, &mut seconds, format!("generate {label} harmless (guided), first stream"), guides)?;
+            Ok::<_, Error>((g_on, seconds))
         },
         |tick: &Tick| {
             let mut seconds = BTreeMap::new();
             let mut generate = |name: &str, model: &Model, hook: &mut dyn Hook, set: &Set, copts| {
-                complete_timed(tick, &mut seconds, name, model, hook, set, None, copts).map(|(g, _)| g)
+                complete_timed(tick, &mut seconds, name, model, hook, set, copts)
             };
             let g_sh = generate(
                 &format!("{label} harmful"),
@@ -342,12 +353,40 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                 }
                 None => None,
             };
+            // Then the guided chunks stream a has not taken (none if it failed first: its error is reported).
+            let guides_wait = guides_wait;
+            if guides_wait.recv().is_ok()
+                && let Some(guides) = guides_lock.get()
+            {
+                take_chunks(tick, &mut seconds, format!("generate {label} harmless (guided), second stream"), guides)?;
+            }
             Ok::<_, Error>((g_sh, g_oh, g_induced, equivalence_report, seconds))
         },
     );
-    let (mut g_on, mut g_sn, ce, seconds_a) = stream_a?;
+    let (mut g_on, seconds_a) = stream_a?;
     let (mut g_sh, mut g_oh, g_induced, equivalence_report, seconds_b) = stream_b?;
-    let (ce_original, ce_edited) = ce.map_or((None, None), |(a, e)| (Some(a), Some(e)));
+    let mut g_sn = Vec::with_capacity(n_harmless);
+    let mut scored = Vec::with_capacity(n_harmless);
+    for part in guided.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        let (g, s) =
+            part.ok_or_else(|| Error::Input("a chunk of the guided harmless completions was not run".into()))?;
+        g_sn.extend(g);
+        scored.extend(s);
+    }
+    // Cross-entropy of both on the original's own harmless completions without the end-of-turn token: the
+    // original's from the log-probabilities its greedy run chose them with (the same computation as teacher
+    // forcing, `tests/loss.rs`), the compared run's from the teacher forcing that guided its completions.
+    let (ce_original, ce_edited) = if opts.cross_entropy {
+        let stops = inputs.chat.eos_ids();
+        let kept =
+            |g: &eval::Completion| g.tokens.len() - usize::from(g.tokens.last().is_some_and(|t| stops.contains(t)));
+        let empty = || Error::Input("cross-entropy: every harmless completion is empty".into());
+        let a = Loss::from_logprobs(g_on.iter().map(|g| &g.logprobs[..kept(g)])).ok_or_else(empty)?;
+        let e = Loss::from_logprobs(scored.iter().zip(&g_on).map(|(s, g)| &s[..kept(g)])).ok_or_else(empty)?;
+        (Some(a), Some(e))
+    } else {
+        (None, None)
+    };
     let mut seconds: BTreeMap<String, f64> = seconds_a.into_iter().chain(seconds_b).collect();
     let o_harmful: Vec<Vec<f32>> = g_oh.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
     let o_harmless: Vec<Vec<f32>> = g_on.iter_mut().map(|g| std::mem::take(&mut g.first_logits)).collect();
