@@ -130,10 +130,7 @@ impl Prompts {
         let prefix = if self.prefix.is_empty() { None } else { Some(model.prefix(&self.prefix, hook)?) };
         for (range, batch) in &self.batches {
             let mut both = Chain(vec![&mut *hook, &mut *observe]);
-            let out = match &prefix {
-                Some(p) => model.forward_after(p, batch, logits, &mut both)?,
-                None => model.forward(batch, logits, &mut both)?,
-            };
+            let out = model.forward_after(prefix.as_ref(), batch, logits, &mut both)?;
             each(range.clone(), &out)?;
         }
         Ok(())
@@ -159,10 +156,7 @@ impl Prompts {
         let prefix = if self.prefix.is_empty() { None } else { Some(model.prefix(&self.prefix, &mut NoHook)?) };
         for (_, batch) in &self.batches {
             let mut capture = Capture::new(sites.clone(), Positions::All);
-            match &prefix {
-                Some(p) => model.forward_after(p, batch, Logits::None, &mut capture)?,
-                None => model.forward(batch, Logits::None, &mut capture)?,
-            };
+            model.forward_after(prefix.as_ref(), batch, Logits::None, &mut capture)?;
             rows.push(sites.iter().map(|&at| capture.take(at).expect("captured site")).collect());
         }
         Ok(Residuals { layers: layers.to_vec(), rows })
@@ -185,10 +179,7 @@ impl Prompts {
                 .get(b, layer)
                 .ok_or_else(|| EvalError::Run(format!("no cached residual entering layer {layer}")))?
                 .to_vec();
-            let out = match &prefix {
-                Some(p) => model.forward_after_from(p, layer, x, batch, Logits::Last, hook)?,
-                None => model.forward_from(layer, x, batch, Logits::Last, hook)?,
-            };
+            let out = model.forward_after_from(prefix.as_ref(), layer, x, batch, Logits::Last, hook)?;
             for (row, i) in range.clone().enumerate() {
                 each(i, out.row(row))?;
             }

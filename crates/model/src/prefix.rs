@@ -50,8 +50,15 @@ impl Model {
 
     /// Runs the prompts of `rest` (each the tokens that follow `prefix`, at least one) after the prefix:
     /// the result equals [`Model::forward`] on the whole prompts. Hooks see only these tokens (their
-    /// segments start at position `prefix.len()`).
-    pub fn forward_after(&self, prefix: &Prefix, rest: &Batch, logits: Logits, hook: &mut dyn Hook) -> Result<Forward> {
+    /// segments start at position `prefix.len()`). Without a prefix, [`Model::forward`] on `rest`.
+    pub fn forward_after(
+        &self,
+        prefix: Option<&Prefix>,
+        rest: &Batch,
+        logits: Logits,
+        hook: &mut dyn Hook,
+    ) -> Result<Forward> {
+        let Some(prefix) = prefix else { return self.forward(rest, logits, hook) };
         let batch = rest.shifted(prefix.len());
         let x = self.embed(&batch)?;
         self.run_after(prefix, 0, x, &batch, logits, hook)
@@ -60,16 +67,18 @@ impl Model {
     /// [`Model::forward_after`] from layer `layer` on, given the residual entering it for the tokens of
     /// `rest` (`[tokens, hidden]`, packed like `rest`), e.g. a cached `x^(l)` (method.md §5, prefix
     /// reuse). The prefix's keys and values must be those of the same run at every layer from `layer`
-    /// on (an activation addition at `layer` changes them: compute the prefix with it).
+    /// on (an activation addition at `layer` changes them: compute the prefix with it). Without a prefix,
+    /// [`Model::forward_from`] on `rest`.
     pub fn forward_after_from(
         &self,
-        prefix: &Prefix,
+        prefix: Option<&Prefix>,
         layer: usize,
         residual: Vec<f32>,
         rest: &Batch,
         logits: Logits,
         hook: &mut dyn Hook,
     ) -> Result<Forward> {
+        let Some(prefix) = prefix else { return self.forward_from(layer, residual, rest, logits, hook) };
         if layer > self.arch().layers {
             return Err(ModelError::Batch(format!(
                 "cannot start at layer {layer}: the model has {} layers",

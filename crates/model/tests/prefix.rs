@@ -32,7 +32,7 @@ fn prompts_after_a_prefix_equal_the_whole_prompts() {
         let full = m.forward(&whole(&prefix, &rests), Logits::Last, &mut NoHook).unwrap();
         let rest = Batch::new(&rests).unwrap();
         let p = m.prefix(&prefix, &mut NoHook).unwrap();
-        let after = m.forward_after(&p, &rest, Logits::Last, &mut NoHook).unwrap();
+        let after = m.forward_after(Some(&p), &rest, Logits::Last, &mut NoHook).unwrap();
         let diff = max_diff(&full.logits, &after.logits);
         assert!(diff <= 1e-5, "{family}: max |diff| {diff}");
 
@@ -43,7 +43,8 @@ fn prompts_after_a_prefix_equal_the_whole_prompts() {
             m.forward(&whole(&prefix, &rests), Logits::Last, &mut Chain(vec![&mut ablate, &mut cap_full])).unwrap();
         let p = m.prefix(&prefix, &mut ablate).unwrap();
         let mut cap_after = Capture::every_layer(layers, Site::Input, Positions::Last(1));
-        let after = m.forward_after(&p, &rest, Logits::Last, &mut Chain(vec![&mut ablate, &mut cap_after])).unwrap();
+        let after =
+            m.forward_after(Some(&p), &rest, Logits::Last, &mut Chain(vec![&mut ablate, &mut cap_after])).unwrap();
         assert!(max_diff(&full.logits, &after.logits) <= 1e-5, "{family}: ablation");
         for l in 0..layers {
             let at = At { layer: l, site: Site::Input };
@@ -55,11 +56,11 @@ fn prompts_after_a_prefix_equal_the_whole_prompts() {
         let full = m.forward(&whole(&prefix, &rests), Logits::Last, &mut add).unwrap();
         let mut cap = Capture::new([At { layer: 1, site: Site::Input }], Positions::All);
         let base = m.prefix(&prefix, &mut NoHook).unwrap();
-        m.forward_after(&base, &rest, Logits::None, &mut cap).unwrap();
+        m.forward_after(Some(&base), &rest, Logits::None, &mut cap).unwrap();
         let x1 = cap.take(At { layer: 1, site: Site::Input }).unwrap();
         assert_eq!(x1.len(), rest.tokens().len() * d, "the capture sees only the tokens after the prefix");
         let p = m.prefix(&prefix, &mut add).unwrap();
-        let after = m.forward_after_from(&p, 1, x1, &rest, Logits::Last, &mut add).unwrap();
+        let after = m.forward_after_from(Some(&p), 1, x1, &rest, Logits::Last, &mut add).unwrap();
         assert!(max_diff(&full.logits, &after.logits) <= 1e-5, "{family}: activation addition from layer 1");
     }
 }
@@ -72,11 +73,11 @@ fn forward_after_from_checks_its_inputs() {
     let rest = Batch::new(&[vec![4, 5]]).unwrap();
     let e = |r: model::Result<model::Forward>| r.unwrap_err().to_string();
     assert_eq!(
-        e(m.forward_after_from(&p, 3, vec![0.0; 128], &rest, Logits::Last, &mut NoHook)),
+        e(m.forward_after_from(Some(&p), 3, vec![0.0; 128], &rest, Logits::Last, &mut NoHook)),
         "cannot start at layer 3: the model has 2 layers"
     );
     assert_eq!(
-        e(m.forward_after_from(&p, 1, vec![0.0; 5], &rest, Logits::Last, &mut NoHook)),
+        e(m.forward_after_from(Some(&p), 1, vec![0.0; 5], &rest, Logits::Last, &mut NoHook)),
         "the residual has 5 values; 2 tokens x hidden size 64 need 128"
     );
     assert_eq!(m.prefix(&[], &mut NoHook).err().unwrap().to_string(), "prompt 0 has no tokens");

@@ -243,14 +243,6 @@ pub fn equivalence(
     } else {
         (None, None, None)
     };
-    // A pass over `batch` (after the prefix when there is one).
-    let pass =
-        |model: &Model, prefix: Option<&model::Prefix>, batch: &Batch, logits: Logits, hook: &mut dyn model::Hook| {
-            match prefix {
-                Some(p) => model.forward_after(p, batch, logits, hook),
-                None => model.forward(batch, logits, hook),
-            }
-        };
     let (mut logits_rel, mut logits_max_abs, mut top1_agree, mut tokens) = (0f64, 0f64, 0, shared);
     let mut done = 0;
     for chunk in prompts.chunks(batch_size.max(1)) {
@@ -258,11 +250,15 @@ pub fn equivalence(
         let batch = Batch::new(&rests)?;
         tokens += batch.tokens().len();
         let (mut hooked, mut plain, mut both) = (capture(), capture(), capture());
-        let z_hooked =
-            pass(original, hooked_pre.as_ref(), &batch, Logits::Last, &mut Chain(vec![&mut *hooks, &mut hooked]))?;
-        let z_edited = pass(edited, plain_pre.as_ref(), &batch, Logits::Last, &mut plain)?;
+        let z_hooked = original.forward_after(
+            hooked_pre.as_ref(),
+            &batch,
+            Logits::Last,
+            &mut Chain(vec![&mut *hooks, &mut hooked]),
+        )?;
+        let z_edited = edited.forward_after(plain_pre.as_ref(), &batch, Logits::Last, &mut plain)?;
         if split {
-            pass(edited, both_pre.as_ref(), &batch, Logits::None, &mut Chain(vec![&mut *hooks, &mut both]))?;
+            edited.forward_after(both_pre.as_ref(), &batch, Logits::None, &mut Chain(vec![&mut *hooks, &mut both]))?;
         }
         compare(&mut hooked, &mut plain, &mut both);
         for p in 0..chunk.len() {
