@@ -172,17 +172,12 @@ impl EditRecord {
                 self.edited.len()
             )));
         }
-        let (hooks, idempotent) = crate::equivalence::plan_hooks(original, &plan, directions)?;
-        Ok(EditHooks {
-            hooks,
-            idempotent,
-            what: format!(
-                "the edit's own writes, rebuilt from its recorded options and direction file (`edit::Plan::write_ops`): \
-                 each edited writer's output projected with its recorded scale{}",
-                if directions.single.is_none() { ", against its layer's basis" } else { "" }
-            ),
-            caveat: options.norm_preserving.then_some(Caveat::NormPreserving),
-        })
+        let what = format!(
+            "the edit's own writes, rebuilt from its recorded options and direction file (`edit::Plan::write_ops`): \
+             each edited writer's output projected with its recorded scale{}",
+            if directions.single.is_none() { ", against its layer's basis" } else { "" }
+        );
+        EditHooks::of_plan(original, &plan, directions, what)
     }
 
     /// Whether the edited checkpoint should equal its hooks up to f32 rounding.

@@ -86,6 +86,21 @@ pub struct EditHooks {
     pub caveat: Option<Caveat>,
 }
 
+impl EditHooks {
+    /// The hooks of `plan` with its directions ([`crate::equivalence::plan_hooks`]), described by `what`;
+    /// a norm-preserving plan carries its caveat.
+    pub fn of_plan(
+        ckpt: &checkpoint::Checkpoint,
+        plan: &edit::Plan,
+        directions: &direction::Directions,
+        what: String,
+    ) -> Result<EditHooks> {
+        let (hooks, idempotent) = crate::equivalence::plan_hooks(ckpt, plan, directions)?;
+        let caveat = plan.options.norm_preserving.then_some(Caveat::NormPreserving);
+        Ok(EditHooks { hooks, idempotent, what, caveat })
+    }
+}
+
 /// The hooks an edited checkpoint is compared with.
 #[derive(Clone, Copy)]
 enum Against<'a> {

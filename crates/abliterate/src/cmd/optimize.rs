@@ -335,7 +335,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
     )?;
     let edit_seconds = t.elapsed().as_secs_f64();
     // The hooks this edit equals, from the same plan and directions: verify's equivalence check.
-    let (edit_hooks, idempotent) = verify::equivalence::plan_hooks(ckpt, &plan, &directions)?;
+    let edit_hooks = measure::EditHooks::of_plan(
+        ckpt,
+        &plan,
+        &directions,
+        format!(
+            "the edit's own writes (`edit::Plan::write_ops`): each edited writer's output projected with its layer's \
+             kernel weight as its scale{}",
+            if p.per_layer { ", against its own block's direction" } else { "" }
+        ),
+    )?;
 
     // verify the chosen edit.
     let t = Instant::now();
@@ -364,16 +373,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "template": formatter.template()?,
             "command": std::env::args().collect::<Vec<_>>(),
         }),
-        edit_hooks: Some(measure::EditHooks {
-            hooks: edit_hooks,
-            idempotent,
-            what: format!(
-                "the edit's own writes (`edit::Plan::write_ops`): each edited writer's output projected with its \
-                 layer's kernel weight as its scale{}",
-                if p.per_layer { ", against its own block's direction" } else { "" }
-            ),
-            caveat: p.norm_preserving.then_some(verify::equivalence::Caveat::NormPreserving),
-        }),
+        edit_hooks: Some(edit_hooks),
     };
     let vopts = measure::Options {
         max_new_tokens: args.max_new_tokens,
