@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock, mpsc};
+use std::sync::{Mutex, mpsc};
 use std::time::Instant;
 
 use eval::{CompleteOptions, Judge, PromptSet};
@@ -258,10 +258,10 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
     let next_chunk = AtomicUsize::new(0);
     type Guided = (Vec<eval::Completion>, Vec<Vec<f64>>);
     let guided: Mutex<Vec<Option<Guided>>> = Mutex::new((0..n_chunks).map(|_| None).collect());
-    let guides_lock: OnceLock<Vec<Vec<u32>>> = OnceLock::new();
-    let (guides_ready, guides_wait) = mpsc::channel::<()>();
+    // The original's harmless completions, from stream a to stream b (none if stream a fails first).
+    let (to_b, from_a) = mpsc::channel::<Vec<Vec<u32>>>();
     let take_chunks = |tick: &Tick, seconds: &mut BTreeMap<String, f64>, key: String, guides: &[Vec<u32>]| {
-        let t = Instant::now();
+        let (t, mut ran) = (Instant::now(), false);
         let mut hook = subject_hook();
         loop {
             let i = next_chunk.fetch_add(1, Ordering::Relaxed);
@@ -280,8 +280,11 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                 &mut |n| ticker(n),
             )?;
             guided.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(out);
+            ran = true;
         }
-        *seconds.entry(key).or_insert(0.0) += t.elapsed().as_secs_f64();
+        if ran {
+            seconds.insert(key, t.elapsed().as_secs_f64());
+        }
         Ok::<_, Error>(())
     };
     let (stream_a, stream_b) = streams::two(
@@ -290,7 +293,7 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
         total,
         |tick: &Tick| {
             // Owned here: stream b learns of a failure here as the channel's end.
-            let guides_ready = guides_ready;
+            let to_b = to_b;
             let mut seconds = BTreeMap::new();
             let g_on = complete_timed(
                 tick,
@@ -301,9 +304,9 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                 &inputs.harmless,
                 copts(on_record, false),
             )?;
-            let guides = guides_lock.get_or_init(|| g_on.iter().map(|g| g.tokens.clone()).collect());
-            let _ = guides_ready.send(());
-            take_chunks(tick, &mut seconds, format!("generate {label} harmless (guided), first stream"), guides)?;
+            let guides: Vec<Vec<u32>> = g_on.iter().map(|g| g.tokens.clone()).collect();
+            let _ = to_b.send(guides.clone());
+            take_chunks(tick, &mut seconds, format!("generate {label} harmless (guided), first stream"), &guides)?;
             Ok::<_, Error>((g_on, seconds))
         },
         |tick: &Tick| {
@@ -369,11 +372,9 @@ pub fn verify(inputs: &Inputs<'_>, opts: &Options, gates: &Gates, progress: &mut
                 None => None,
             };
             // Then the guided chunks stream a has not taken (none if it failed first: its error is reported).
-            let guides_wait = guides_wait;
-            if guides_wait.recv().is_ok()
-                && let Some(guides) = guides_lock.get()
-            {
-                take_chunks(tick, &mut seconds, format!("generate {label} harmless (guided), second stream"), guides)?;
+            let from_a = from_a; // Owned here: a receiver is not shared between threads.
+            if let Ok(guides) = from_a.recv() {
+                take_chunks(tick, &mut seconds, format!("generate {label} harmless (guided), second stream"), &guides)?;
             }
             Ok::<_, Error>((g_sh, g_oh, g_induced, equivalence_report, seconds))
         },
