@@ -1,5 +1,5 @@
 //! `abliterate optimize` end to end on the committed tiny refusing model (`fixtures/tiny-refusal/model`,
-//! 4 layers, seconds per run): the search, its resumption, the outputs, and the errors for bad options.
+//! seconds per run): the search, its resumption, the outputs, and the errors for bad options.
 
 mod util;
 
@@ -10,6 +10,19 @@ use util::abliterate;
 
 fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-refusal/model")
+}
+
+/// The tiny model's (layers, hidden size), from its `config.json`.
+fn tiny_shape() -> (usize, usize) {
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(tiny().join("config.json")).unwrap()).unwrap();
+    let get = |key: &str| config[key].as_u64().unwrap() as usize;
+    (get("num_hidden_layers"), get("hidden_size"))
+}
+
+/// heretic's per-layer scope: block `b` takes the candidate of the residual leaving it (entering `b + 1`),
+/// the last block the last candidate's.
+fn per_layer_sites(layers: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..layers).map(move |block| (block, (block + 1).min(layers - 1)))
 }
 
 /// A small search: 8 harmful and 8 harmless prompts, 16 new tokens.
@@ -131,7 +144,7 @@ fn optimize_searches_chooses_edits_and_verifies_and_a_resumed_search_equals_an_u
     let svg = std::fs::read_to_string(a.join("pareto.svg")).unwrap();
     assert_eq!(svg.matches("<circle").count(), 6 + 1);
     let kernel: Value = serde_json::from_str(&std::fs::read_to_string(a.join("chosen/kernel.json")).unwrap()).unwrap();
-    assert_eq!(kernel["attn"].as_array().unwrap().len(), 4);
+    assert_eq!(kernel["attn"].as_array().unwrap().len(), tiny_shape().0);
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(a.join("model/abliterate.json")).unwrap()).unwrap();
     assert_eq!(manifest["options"]["norm_preserving"], v["chosen"]["params"]["norm_preserving"]);
@@ -233,12 +246,12 @@ fn a_chosen_per_layer_trial_is_written_as_a_per_layer_file_and_reproduced_by_edi
     let scopes: Vec<Value> = trials(&out).iter().map(|t| t["params"]["direction_scope"].clone()).collect();
     assert!(scopes.contains(&Value::from("global")), "{scopes:?}");
 
-    let hidden = 192;
-    let chosen = direction::Directions::open(&out.join("chosen/direction.safetensors"), hidden, 4, None).unwrap();
+    let (layers, hidden) = tiny_shape();
+    let chosen = direction::Directions::open(&out.join("chosen/direction.safetensors"), hidden, layers, None).unwrap();
     assert_eq!(chosen.layout, direction::Layout::PerLayer);
     let c = direction::Candidates::load(&out.join("find/candidates.safetensors"), hidden).unwrap();
     let position = find_position(&out, hidden);
-    for (block, residual) in [(0, 1), (1, 2), (2, 3), (3, 3)] {
+    for (block, residual) in per_layer_sites(layers) {
         let unit = c.direction(direction::Candidate { position, layer: residual }).unwrap().unit();
         let got = chosen.for_layer(Some(block)).as_slice();
         assert!(got.iter().zip(&unit).all(|(a, b)| (a - b).abs() < 1e-12), "block {block}");
@@ -281,7 +294,7 @@ fn projected_trials_take_find_candidates_without_their_harmless_mean_component()
     let settings: Value = serde_json::from_str(&std::fs::read_to_string(out.join("settings.json")).unwrap()).unwrap();
     assert_eq!(settings["space"]["projected"], "on");
 
-    let hidden = 192;
+    let (layers, hidden) = tiny_shape();
     let c = direction::Candidates::load(&out.join("find/candidates.safetensors"), hidden).unwrap();
     let m = direction::Candidates::load_means(&out.join("find/means.safetensors"), hidden).unwrap();
     let position = find_position(&out, hidden);
@@ -297,16 +310,16 @@ fn projected_trials_take_find_candidates_without_their_harmless_mean_component()
         p.iter().map(|x| x / n).collect()
     };
     let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-10);
-    let chosen = direction::Directions::open(&out.join("chosen/direction.safetensors"), hidden, 4, None).unwrap();
+    let chosen = direction::Directions::open(&out.join("chosen/direction.safetensors"), hidden, layers, None).unwrap();
     let params = &v["chosen"]["params"];
     if params["direction_scope"] == "per_layer" {
-        for (block, residual) in [(0, 1), (1, 2), (2, 3), (3, 3)] {
+        for (block, residual) in per_layer_sites(layers) {
             assert!(close(chosen.for_layer(Some(block)).as_slice(), &projected_unit(residual)), "block {block}");
         }
     } else {
         let index = params["direction_index"].as_f64().unwrap();
         let (a, t) = (index.floor() as usize, index.fract());
-        let (ra, rb) = (projected_unit(a), projected_unit((a + 1).min(3)));
+        let (ra, rb) = (projected_unit(a), projected_unit((a + 1).min(layers - 1)));
         let mix: Vec<f64> = ra.iter().zip(&rb).map(|(x, y)| (1.0 - t) * x + t * y).collect();
         let n = mix.iter().map(|x| x * x).sum::<f64>().sqrt();
         let want: Vec<f64> = mix.iter().map(|x| x / n).collect();
